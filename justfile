@@ -1,0 +1,46 @@
+# overfill — one command per stage. Every recipe runs the idempotent set-up first.
+# `just demo` runs the whole pipeline on a small embedded default; `just test` is what CI runs.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# The overfill binary, built in release mode (also honours CARGO_TARGET_DIR).
+overfill := "cargo run --release --quiet -p overfill --"
+
+default:
+    @just --list
+
+# Create/refresh .venv (torch 2.11.0 = libtorch, reference packages, just). Fast when done.
+setup:
+    @bash scripts/setup.sh
+
+# Build the release binary (target/release/overfill).
+build: setup
+    cargo build --release -p overfill
+
+# Everything CI checks.
+test: setup
+    cargo test --release --workspace
+
+# The whole pipeline on a small synthetic default (CPU, a minute or two).
+demo: build
+    bash scripts/demo.sh
+
+# Chat-template and tokenize a recipe's sources into context/target shards.
+preprocess recipe="8b-3b": build
+    {{overfill}} preprocess --config configs/{{recipe}}.toml
+
+# Calibrate on a recipe's shards and width-prune its model (keeps every head and layer).
+calibrate-prune recipe="8b-3b": build
+    {{overfill}} calibrate-prune --config configs/{{recipe}}.toml
+
+# Prefill and per-token decode time against transformers (ratios).
+bench-model: build
+    bash scripts/bench-model.sh
+
+# Preprocess throughput against HF datasets + apply_chat_template and bare tokenizers (ratios).
+bench-preprocess: build
+    bash scripts/bench-preprocess.sh
+
+# Calibration throughput against the Python reference (ratio) and memory in calib_size.
+bench-calibrate: build
+    bash scripts/bench-calibrate.sh

@@ -1,0 +1,39 @@
+//! `overfill`: the stage commands of the OverFill pipeline.
+//!
+//! Each subcommand lives in its own module with an `Args` struct (clap) and a `run` function.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod calibrate_prune;
+mod generate;
+mod inspect;
+mod preprocess;
+
+#[derive(Parser)]
+#[command(name = "overfill", version, about = "OverFill: two-stage (full-model prefill, pruned-model decode) LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat-template and tokenize instruction data into context/target token shards.
+    Preprocess(preprocess::Args),
+    /// Print statistics of token shards and decode examples at the context/target boundary.
+    Inspect(inspect::Args),
+    /// Score channels on calibration data and width-prune a model (KV-cache compatible).
+    CalibratePrune(calibrate_prune::Args),
+    /// Greedy generation with one model (prefill + incremental decode).
+    Generate(generate::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::CalibratePrune(args) => calibrate_prune::run(args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up: the project's .venv (torch 2.11.0 = libtorch for tch, plus the Python
+# reference packages the tests compare against, plus `just`). Fast when already done: it only
+# reinstalls when requirements-dev.txt changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.overfill-setup
+want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -e .venv/libtorch/lib/libtorch_cpu.so ]; then
+    exit 0
+fi
+
+echo "setup: creating .venv with torch 2.11.0 and the reference packages (a few minutes, ~5 GB)" >&2
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+
+# A version-independent link to the torch package, which .cargo/config.toml points LIBTORCH at.
+torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$torch_dir" .venv/libtorch
+[ -e .venv/libtorch/lib/libtorch_cpu.so ] || { echo "setup: no libtorch_cpu.so under $torch_dir/lib" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "setup: done (libtorch at $torch_dir)" >&2
