@@ -1,1 +1,9 @@
-pub fn placeholder() {}
+//! The Llama 3.x / Qwen2.5 transformer on libtorch: configs, checkpoint IO, KV cache,
+//! forward pass, greedy generation, and (width) pruning.
+pub mod calibrate;
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod kv_cache;
+pub mod prune;
+pub mod transformer;
