@@ -1,0 +1,61 @@
+//! Shared helpers of the model tests: paths, the Python reference, comparisons.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tch::{Kind, Tensor};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("model/ has a parent").to_path_buf()
+}
+
+pub fn python() -> PathBuf {
+    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+/// Runs `tests/python/model_ref.py ARGS` and returns its stdout; panics with stderr on failure.
+pub fn model_ref(args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/model_ref.py"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(out.status.success(), "model_ref.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The reference checkpoints and outputs, made once per test binary.
+pub fn reference_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("overfill-model-ref").tempdir().expect("temp dir");
+        model_ref(&["make", dir.path().to_str().expect("utf-8 temp path")]);
+        dir
+    })
+    .path()
+}
+
+pub const CASES: [&str; 5] = ["llama3_tied", "llama_untied", "qwen2_bias", "llama_head_dim", "qwen2_head_dim"];
+
+pub fn case_model_dir(case: &str) -> PathBuf {
+    reference_dir().join(case).join("model")
+}
+
+pub fn read_refs(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())).into_iter().collect()
+}
+
+pub fn case_refs(case: &str) -> HashMap<String, Tensor> {
+    read_refs(&reference_dir().join(case).join("ref.safetensors"))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1)).expect("i64 tensor")
+}
