@@ -293,7 +293,21 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
 
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let mut written = vec!["config.json".to_string()];
-    let config_text = serde_json::to_string_pretty(&config.to_hf_json())?;
+    let mut config_json = config.to_hf_json();
+    // The dtype the weights are stored in (transformers reads it for `torch_dtype="auto"`).
+    if let (Some(map), Some(t)) = (config_json.as_object_mut(), tensors.get("model.embed_tokens.weight")) {
+        let name = match t.kind() {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            Kind::Double => "float64",
+            _ => "float32",
+        };
+        map.insert("torch_dtype".to_string(), json!(name));
+        if map.contains_key("dtype") {
+            map.insert("dtype".to_string(), json!(name));
+        }
+    }
+    let config_text = serde_json::to_string_pretty(&config_json)?;
     std::fs::write(tmp.join("config.json"), config_text + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();

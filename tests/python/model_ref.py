@@ -13,9 +13,9 @@ Subcommands (all CPU, float32, deterministic):
       qwen2_bias (qkv bias, GQA), llama_head_dim (explicit head_dim != hidden / heads),
       qwen2_head_dim (same for qwen2).
 
-  logits MODEL_DIR IDS OUT_FILE
-      Loads MODEL_DIR with transformers and writes the logits [T, V] of the comma-separated
-      IDS to OUT_FILE (safetensors key "logits").
+  logits IDS OUT_FILE MODEL_DIR...
+      Loads each MODEL_DIR with transformers and writes the logits [T, V] of the comma-separated
+      IDS to OUT_FILE (safetensors key "logits_<i>" for the i-th directory).
 
   param-count CONFIG.json...
       Prints one JSON object {path: parameter count} built on the meta device from each config.
@@ -111,12 +111,14 @@ def make(out_dir: Path):
     print(json.dumps(sorted(cases())))
 
 
-def logits(model_dir: str, ids: str, out_file: str):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+def logits(ids: str, out_file: str, model_dirs):
     prompt = torch.tensor([[int(x) for x in ids.split(",")]], dtype=torch.int64)
-    with torch.no_grad():
-        out = model(prompt).logits[0].float().contiguous()
-    save_file({"logits": out}, out_file)
+    out = {}
+    for i, model_dir in enumerate(model_dirs):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out[f"logits_{i}"] = model(prompt).logits[0].float().contiguous()
+    save_file(out, out_file)
 
 
 def param_count(paths):
@@ -136,8 +138,8 @@ def main():
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "make" and len(sys.argv) == 3:
         make(Path(sys.argv[2]))
-    elif cmd == "logits" and len(sys.argv) == 5:
-        logits(*sys.argv[2:5])
+    elif cmd == "logits" and len(sys.argv) >= 5:
+        logits(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif cmd == "param-count" and len(sys.argv) >= 3:
         param_count(sys.argv[2:])
     else:
