@@ -1,1 +1,24 @@
-pub fn placeholder() {}
+//! `overfill-data`: instruction data → chat-templated context/target token shards, and the
+//! reader later stages use.
+//!
+//! - [`source`]: input files (OpenHermes JSON array, JSONL, Infinity-Instruct Parquet).
+//! - [`conversation`]: normalised roles and turns.
+//! - [`filter`]: per-row processing and the reasons rows are dropped.
+//! - [`template`]: chat templates (Llama-3 as in the paper, Qwen ChatML, model or file).
+//! - [`tokenize`]: tokenizer loading and the context/target split on token ids.
+//! - [`shard`], [`manifest`]: Parquet shards, statistics, `manifest.json`.
+//! - [`preprocess`]: the stage itself (streaming, parallel, resumable).
+//! - [`reader`]: random access, length-grouped batches, rank sharding, calibration samples.
+//! - [`synth`]: synthetic datasets and a tiny byte-level tokenizer for tests and the demo.
+//! - [`recipe`]: the data part of `configs/*.toml`.
+pub mod conversation;
+pub mod filter;
+pub mod manifest;
+pub mod preprocess;
+pub mod reader;
+pub mod recipe;
+pub mod shard;
+pub mod source;
+pub mod synth;
+pub mod template;
+pub mod tokenize;

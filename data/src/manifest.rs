@@ -1,0 +1,88 @@
+//! `manifest.json`: what a shard folder holds and how it was made.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::shard::{write_atomic, Stats};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Bump when the shard layout or the processing changes meaning (old folders then rebuild).
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputEntry {
+    pub path: String,
+    pub source: String,
+    pub format: String,
+    pub size: u64,
+    pub sha256: String,
+    pub rows: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerEntry {
+    pub path: String,
+    pub sha256: String,
+    pub config_sha256: Option<String>,
+    pub vocab_size: usize,
+    pub bos_token: String,
+    pub end_of_turn: String,
+    pub end_of_turn_id: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateEntry {
+    /// `llama3`, `chatml`, `model` or a file path.
+    pub spec: String,
+    pub sha256: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub context_tokens: u64,
+    pub target_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SplitEntry {
+    pub rows: u64,
+    pub context_tokens: u64,
+    pub target_tokens: u64,
+    pub shards: Vec<ShardEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// SHA-256 over inputs, config, template and tokenizer: equal key, equal shards.
+    pub key: String,
+    pub config: serde_json::Value,
+    pub inputs: Vec<InputEntry>,
+    pub tokenizer: TokenizerEntry,
+    pub template: TemplateEntry,
+    /// Counts over all input rows: kept, dropped by reason, bad rows, tokens, length histograms.
+    pub counts: Stats,
+    pub bad_fraction: f64,
+    pub histogram_edges: Vec<usize>,
+    pub train: SplitEntry,
+    pub val: SplitEntry,
+    pub created_unix: u64,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (is {} a preprocessed shard folder?)", path.display(), dir.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_atomic(&dir.join(MANIFEST_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}

@@ -1,0 +1,219 @@
+//! Loading a Hugging Face `tokenizer.json` and splitting a rendered conversation into context and
+//! target token ids, with the split made on token ids of the whole text.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::template::{ChatTemplate, RenderedSplit, TemplateTokens};
+
+/// The files of a tokenizer: `tokenizer.json` and, next to it, `tokenizer_config.json`.
+#[derive(Debug, Clone)]
+pub struct TokenizerFiles {
+    pub tokenizer_json: PathBuf,
+    pub config_json: Option<PathBuf>,
+}
+
+/// Find `tokenizer.json` from a file, a model folder, or a Hugging Face hub id that is in the
+/// local hub cache (`$HF_HOME/hub` or `~/.cache/huggingface/hub`). Never downloads.
+pub fn resolve_tokenizer(path_or_id: &str) -> Result<TokenizerFiles> {
+    let path = Path::new(path_or_id);
+    let dir = if path.is_file() {
+        return Ok(TokenizerFiles {
+            tokenizer_json: path.to_path_buf(),
+            config_json: path.parent().map(|p| p.join("tokenizer_config.json")).filter(|p| p.is_file()),
+        });
+    } else if path.is_dir() {
+        path.to_path_buf()
+    } else if let Some(snapshot) = hub_cache_snapshot(path_or_id) {
+        snapshot
+    } else {
+        bail!(
+            "tokenizer not found: {path_or_id} is neither a tokenizer.json, a folder holding one, nor a model id in the local Hugging Face cache (run `huggingface-cli download {path_or_id} tokenizer.json tokenizer_config.json` or pass --tokenizer DIR)"
+        );
+    };
+    let tokenizer_json = dir.join("tokenizer.json");
+    if !tokenizer_json.is_file() {
+        bail!("tokenizer not found: {} has no tokenizer.json", dir.display());
+    }
+    let config = dir.join("tokenizer_config.json");
+    Ok(TokenizerFiles { tokenizer_json, config_json: config.is_file().then_some(config) })
+}
+
+fn hub_cache_snapshot(model_id: &str) -> Option<PathBuf> {
+    if !model_id.contains('/') || model_id.starts_with('/') || model_id.starts_with('.') {
+        return None;
+    }
+    let hub = match std::env::var_os("HF_HOME") {
+        Some(home) => PathBuf::from(home).join("hub"),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/huggingface/hub"),
+    };
+    let snapshots = hub.join(format!("models--{}", model_id.replace('/', "--"))).join("snapshots");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(snapshots)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("tokenizer.json").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+/// The parts of `tokenizer_config.json` the templates need.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    pub fn load(path: Option<&Path>) -> Result<TokenizerConfig> {
+        let Some(path) = path else { return Ok(TokenizerConfig::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // Tokens are either plain strings or AddedToken objects `{"content": ...}`.
+        let token = |key: &str| -> Option<String> {
+            match value.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let chat_template = match value.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // Named templates: [{"name": "default", "template": ...}, ...]
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        Ok(TokenizerConfig { bos_token: token("bos_token"), eos_token: token("eos_token"), chat_template })
+    }
+
+    pub fn template_tokens(&self) -> TemplateTokens {
+        TemplateTokens {
+            bos_token: self.bos_token.clone().unwrap_or_default(),
+            eos_token: self.eos_token.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Load `tokenizer.json` with padding and truncation switched off (a saved truncation setting
+/// would otherwise cut rows silently).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_file(path)
+        .map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+    tokenizer.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
+/// Context and target token ids of one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedSplit {
+    pub context_ids: Vec<u32>,
+    pub target_ids: Vec<u32>,
+}
+
+/// Why a rendered conversation could not be split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitError {
+    Tokenizer(String),
+    /// The whole text's tokens do not start with the context's tokens.
+    Boundary,
+    /// The target does not contain the end-of-turn token.
+    NoEndOfTurn,
+}
+
+/// A tokenizer bound to a chat template: encodes without adding special tokens (the template
+/// writes BOS) and splits at the context/target boundary.
+pub struct SplitTokenizer {
+    pub tokenizer: Tokenizer,
+    /// Ids of the special tokens the template writes.
+    template_token_ids: HashSet<u32>,
+    pub end_of_turn_id: u32,
+}
+
+impl SplitTokenizer {
+    /// Fails when the tokenizer lacks any special token the template writes.
+    pub fn new(tokenizer: Tokenizer, template: &ChatTemplate) -> Result<SplitTokenizer> {
+        let mut missing = Vec::new();
+        let mut template_token_ids = HashSet::new();
+        for token in template.required_special_tokens() {
+            // It must be one token when it appears in text, i.e. an added token.
+            match tokenizer.token_to_id(&token) {
+                Some(id) if tokenizer.encode_fast(token.as_str(), false).map(|e| e.get_ids() == [id]).unwrap_or(false) => {
+                    template_token_ids.insert(id);
+                }
+                _ => missing.push(token),
+            }
+        }
+        if !missing.is_empty() {
+            bail!(
+                "the tokenizer does not have the chat template's special tokens {} as single tokens: wrong tokenizer for this template?",
+                missing.join(", ")
+            );
+        }
+        let end_of_turn_id = tokenizer
+            .token_to_id(&template.end_of_turn)
+            .ok_or_else(|| anyhow!("tokenizer lacks end-of-turn token {}", template.end_of_turn))?;
+        Ok(SplitTokenizer { tokenizer, template_token_ids, end_of_turn_id })
+    }
+
+    /// Token ids of `text`, no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, SplitError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| SplitError::Tokenizer(e.to_string()))
+    }
+
+    /// Tokenize the whole text once and split it where the context ends.
+    ///
+    /// The split index is where the byte offsets cross `context.len()`. It is verified to equal
+    /// the tokenization of the context alone: text before the context's last template special
+    /// token is cut into identical pieces in both strings (special tokens split the text first),
+    /// so only the short tail after it (e.g. `"\n\n"`) is re-encoded and compared. When that
+    /// quick check fails, the context is encoded in full and compared; a mismatch then is a
+    /// boundary error. The target is cut after its last end-of-turn token (ChatML writes a
+    /// newline after `<|im_end|>`, which is not part of the turn).
+    pub fn encode_split(&self, rendered: &RenderedSplit) -> Result<TokenizedSplit, SplitError> {
+        let encoding = self
+            .tokenizer
+            .encode(rendered.full.as_str(), false)
+            .map_err(|e| SplitError::Tokenizer(e.to_string()))?;
+        let ids = encoding.get_ids();
+        let offsets = encoding.get_offsets();
+        let context_len = rendered.context.len();
+        let split = offsets.partition_point(|&(_, end)| end <= context_len);
+        let quick_ok = split < ids.len() && offsets[split].0 >= context_len && self.tail_matches(rendered, ids, offsets, split);
+        let split = if quick_ok {
+            split
+        } else {
+            let context_ids = self.encode(&rendered.context)?;
+            if !ids.starts_with(&context_ids) {
+                return Err(SplitError::Boundary);
+            }
+            context_ids.len()
+        };
+        let target = &ids[split..];
+        let end = target.iter().rposition(|&id| id == self.end_of_turn_id).ok_or(SplitError::NoEndOfTurn)?;
+        Ok(TokenizedSplit { context_ids: ids[..split].to_vec(), target_ids: target[..=end].to_vec() })
+    }
+
+    fn tail_matches(&self, rendered: &RenderedSplit, ids: &[u32], offsets: &[(usize, usize)], split: usize) -> bool {
+        let Some(last_special) = ids[..split].iter().rposition(|id| self.template_token_ids.contains(id)) else {
+            return false;
+        };
+        let tail_start = offsets[last_special].1;
+        let Some(tail_text) = rendered.context.get(tail_start..) else { return false };
+        match self.encode(tail_text) {
+            Ok(tail_ids) => ids[last_special + 1..split] == tail_ids[..],
+            Err(_) => false,
+        }
+    }
+}
