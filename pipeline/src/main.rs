@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
 mod generate;
+mod init_model;
 mod inspect;
 mod preprocess;
 
@@ -26,6 +27,8 @@ enum Command {
     CalibratePrune(calibrate_prune::Args),
     /// Greedy generation with one model (prefill + incremental decode).
     Generate(generate::Args),
+    /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
+    InitModel(init_model::Args),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +38,6 @@ fn main() -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::InitModel(args) => init_model::run(args),
     }
 }

@@ -17,6 +17,11 @@ Subcommands (all CPU, float32, deterministic):
       Loads each MODEL_DIR with transformers and writes the logits [T, V] of the comma-separated
       IDS to OUT_FILE (safetensors key "logits_<i>" for the i-th directory).
 
+  text-ref MODEL_DIR TEXT MAX_NEW_TOKENS OUT_FILE
+      Tokenizes TEXT with MODEL_DIR/tokenizer.json (Python tokenizers, special tokens added),
+      runs transformers on it and writes prompt_ids [T], logits [T, V] and greedy_ids
+      (model.generate, do_sample=False, up to MAX_NEW_TOKENS new tokens) to OUT_FILE.
+
   param-count CONFIG.json...
       Prints one JSON object {path: parameter count} built on the meta device from each config.
 """
@@ -121,6 +126,20 @@ def logits(ids: str, out_file: str, model_dirs):
     save_file(out, out_file)
 
 
+def text_ref(model_dir: str, text: str, max_new_tokens: str, out_file: str):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode(text).ids], dtype=torch.int64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids).logits[0].float().contiguous()
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=int(max_new_tokens), pad_token_id=0)
+    save_file({"prompt_ids": ids[0].clone(), "logits": logits,
+               "greedy_ids": generated[0, ids.shape[1]:].clone()}, out_file)
+
+
 def param_count(paths):
     counts = {}
     for path in paths:
@@ -140,6 +159,8 @@ def main():
         make(Path(sys.argv[2]))
     elif cmd == "logits" and len(sys.argv) >= 5:
         logits(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif cmd == "text-ref" and len(sys.argv) == 6:
+        text_ref(*sys.argv[2:6])
     elif cmd == "param-count" and len(sys.argv) >= 3:
         param_count(sys.argv[2:])
     else:

@@ -1,0 +1,133 @@
+//! The `overfill generate` and `overfill init-model` command-line contract, checked against
+//! transformers (tests/python/model_ref.py).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tch::{Kind, Tensor};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+fn model_ref(args: &[&str]) {
+    let out = Command::new(python()).arg(repo_root().join("tests/python/model_ref.py")).args(args).output().unwrap();
+    assert!(out.status.success(), "model_ref.py {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn overfill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+}
+
+fn overfill_ok(args: &[&str]) -> String {
+    let out = overfill(args);
+    assert!(out.status.success(), "overfill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+fn ids(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1)).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn prompt_ids_give_transformers_logits_and_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    model_ref(&["make", tmp.path().to_str().unwrap()]);
+    for case in ["llama3_tied", "qwen2_bias"] {
+        let model = tmp.path().join(case).join("model");
+        let refs = read(&tmp.path().join(case).join("ref.safetensors"));
+        let prompt: Vec<String> = ids(&refs["prompt_ids"]).iter().map(i64::to_string).collect();
+        let logits_file = tmp.path().join(format!("{case}-logits.safetensors"));
+        let stdout = overfill_ok(&[
+            "generate", "--model", model.to_str().unwrap(), "--prompt-ids", &prompt.join(","),
+            "--max-new-tokens", "8", "--json", "--logits", logits_file.to_str().unwrap(),
+        ]);
+        let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let ours: Vec<i64> = out["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        // The reference decodes 8 steps ignoring eos; ours stops after eos (id 2 in these configs).
+        let expected = ids(&refs["greedy_ids"]);
+        let cut = expected.iter().position(|&t| t == 2).map_or(expected.len(), |p| p + 1);
+        assert_eq!(ours, expected[..cut].to_vec(), "{case}");
+        for key in ["prefill_seconds", "decode_seconds_per_token"] {
+            assert!(out[key].as_f64().unwrap() >= 0.0, "{case}: {key} in {out}");
+        }
+        let logits = read(&logits_file);
+        assert_eq!(logits["logits"].kind(), Kind::Float);
+        let diff = max_abs_diff(&logits["logits"], &refs["prompt_logits"]);
+        assert!(diff <= 1e-4, "{case}: --logits differ from transformers by {diff}");
+    }
+}
+
+#[test]
+fn text_prompt_with_init_model_checkpoint_matches_transformers() {
+    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
+    if !tokenizer.join("tokenizer.json").is_file() {
+        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The real Llama 3.2 vocabulary with a very small body.
+    let config = tmp.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
+            "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+    )
+    .unwrap();
+    let model = tmp.path().join("model");
+    let model_s = model.to_str().unwrap();
+    overfill_ok(&[
+        "init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--seed", "3", "--std", "0.5",
+        "--tokenizer", tokenizer.to_str().unwrap(),
+    ]);
+    assert!(model.join("tokenizer.json").is_file() && model.join("model.safetensors").is_file());
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let refs_file = tmp.path().join("refs.safetensors");
+    model_ref(&["text-ref", model_s, text, "6", refs_file.to_str().unwrap()]);
+    let refs = read(&refs_file);
+    let logits_file = tmp.path().join("logits.safetensors");
+    let stdout = overfill_ok(&[
+        "generate", "--model", model_s, "--prompt", text, "--max-new-tokens", "6", "--json",
+        "--logits", logits_file.to_str().unwrap(),
+    ]);
+    let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ours: Vec<i64> = out["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(ours, ids(&refs["greedy_ids"]));
+    assert_eq!(out["prompt_tokens"].as_u64().unwrap() as i64, refs["prompt_ids"].size()[0]);
+    let diff = max_abs_diff(&read(&logits_file)["logits"], &refs["logits"]);
+    assert!(diff <= 1e-4, "logits differ from transformers by {diff}");
+}
+
+#[test]
+fn bad_input_fails_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json not found") && !err.contains("panicked"), "{err}");
+    let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not an integer token id"), "{err}");
+    let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "a prompt is required");
+    for sub in ["generate", "init-model"] {
+        let help = overfill_ok(&[sub, "--help"]);
+        assert!(help.contains("--model") || help.contains("--config"), "{help}");
+    }
+}
