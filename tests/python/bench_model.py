@@ -30,7 +30,7 @@ BENCH_CONFIG = dict(
     rope_theta=500000.0,
     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192),
-    max_position_embeddings=4096,
+    max_position_embeddings=131072,
     tie_word_embeddings=True,
 )
 
