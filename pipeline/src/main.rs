@@ -6,9 +6,9 @@ use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
 mod generate;
-mod init_model;
 mod inspect;
 mod preprocess;
+mod synth_data;
 
 #[derive(Parser)]
 #[command(name = "overfill", version, about = "OverFill: two-stage (full-model prefill, pruned-model decode) LLMs")]
@@ -23,12 +23,12 @@ enum Command {
     Preprocess(preprocess::Args),
     /// Print statistics of token shards and decode examples at the context/target boundary.
     Inspect(inspect::Args),
+    /// Write synthetic instruction data (every input format) or a tiny byte-level tokenizer.
+    SynthData(synth_data::Args),
     /// Score channels on calibration data and width-prune a model (KV-cache compatible).
     CalibratePrune(calibrate_prune::Args),
     /// Greedy generation with one model (prefill + incremental decode).
     Generate(generate::Args),
-    /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
-    InitModel(init_model::Args),
 }
 
 fn main() -> Result<()> {
@@ -36,8 +36,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::SynthData(args) => synth_data::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::InitModel(args) => init_model::run(args),
     }
 }
