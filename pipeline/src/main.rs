@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
 mod generate;
+mod init_model;
 mod inspect;
 mod preprocess;
 mod synth_data;
@@ -29,6 +30,8 @@ enum Command {
     CalibratePrune(calibrate_prune::Args),
     /// Greedy generation with one model (prefill + incremental decode).
     Generate(generate::Args),
+    /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
+    InitModel(init_model::Args),
 }
 
 fn main() -> Result<()> {
@@ -39,5 +42,6 @@ fn main() -> Result<()> {
         Command::SynthData(args) => synth_data::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::InitModel(args) => init_model::run(args),
     }
 }
