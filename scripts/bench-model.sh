@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PYTHON="${OVERFILL_PYTHON:-.venv/bin/python}"
 cargo build --release -p overfill-model --example bench_model
 TARGET="${CARGO_TARGET_DIR:-target}"
-exec "$PYTHON" tests/python/bench_model.py --rust-bench "$TARGET/release/examples/bench_model" "$@"
+exec "$PYTHON" tests/python/bench_model.py --rust-bench "$TARGET/release/examples/bench_model" --dir "$TARGET/bench-model/llama-8x512" "$@"

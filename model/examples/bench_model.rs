@@ -20,7 +20,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut dir: Option<PathBuf> = None;
-    let (mut prompt_len, mut decode_steps, mut repeats, mut threads) = (128i64, 64usize, 5usize, 0i32);
+    let (mut prompt_len, mut decode_steps, mut repeats, mut threads) =
+        (128i64, 64usize, 5usize, 0i32);
     let mut dtype = "f32".to_string();
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));

@@ -25,8 +25,15 @@ pub fn hub_cache_dir() -> Result<PathBuf> {
     }
     let home = std::env::var_os("HOME")
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| anyhow!("cannot locate the Hugging Face cache: none of HF_HUB_CACHE, HF_HOME, HOME is set"))?;
-    Ok(PathBuf::from(home).join(".cache").join("huggingface").join("hub"))
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot locate the Hugging Face cache: none of HF_HUB_CACHE, HF_HOME, HOME is set"
+            )
+        })?;
+    Ok(PathBuf::from(home)
+        .join(".cache")
+        .join("huggingface")
+        .join("hub"))
 }
 
 /// A checkpoint directory, or a hub id (`org/name`) looked up offline in the local HF cache
@@ -53,7 +60,9 @@ pub fn resolve_model_dir(id_or_dir: &str) -> Result<PathBuf> {
             id_or_dir.replace('/', "--")
         )
     })?;
-    let dir = config.parent().ok_or_else(|| anyhow!("cached config {} has no parent", config.display()))?;
+    let dir = config
+        .parent()
+        .ok_or_else(|| anyhow!("cached config {} has no parent", config.display()))?;
     Ok(dir.to_path_buf())
 }
 
@@ -62,14 +71,20 @@ pub fn resolve_model_dir(id_or_dir: &str) -> Result<PathBuf> {
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     if !path.is_file() {
-        bail!("{} not found: not a Hugging Face checkpoint directory", path.display());
+        bail!(
+            "{} not found: not a Hugging Face checkpoint directory",
+            path.display()
+        );
     }
     let mut config = ModelConfig::from_file(&path)?;
     let gen_path = dir.join("generation_config.json");
     if gen_path.is_file() {
-        let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
-        let gen: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
-        let eos = parse_token_ids(gen.get("eos_token_id"), "eos_token_id").with_context(|| format!("in {}", gen_path.display()))?;
+        let text = std::fs::read_to_string(&gen_path)
+            .with_context(|| format!("cannot read {}", gen_path.display()))?;
+        let gen: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+        let eos = parse_token_ids(gen.get("eos_token_id"), "eos_token_id")
+            .with_context(|| format!("in {}", gen_path.display()))?;
         if !eos.is_empty() {
             config.eos_token_ids = eos;
         }
@@ -84,23 +99,32 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
-        let index: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+        let text = std::fs::read_to_string(&index_path)
+            .with_context(|| format!("cannot read {}", index_path.display()))?;
+        let index: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
         let map = index
             .get("weight_map")
             .and_then(Value::as_object)
             .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index_path.display()))?;
         let mut files = BTreeSet::new();
         for (tensor, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| anyhow!("{}: weight_map entry for {tensor} is not a file name", index_path.display()))?;
+            let file = file.as_str().ok_or_else(|| {
+                anyhow!(
+                    "{}: weight_map entry for {tensor} is not a file name",
+                    index_path.display()
+                )
+            })?;
             files.insert(file.to_string());
         }
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.is_file() {
-                bail!("{} names shard {} which does not exist", index_path.display(), p.display());
+                bail!(
+                    "{} names shard {} which does not exist",
+                    index_path.display(),
+                    p.display()
+                );
             }
         }
         return Ok(paths);
@@ -109,12 +133,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    bail!("{} has neither {SINGLE_FILE} nor {INDEX_FILE}", dir.display())
+    bail!(
+        "{} has neither {SINGLE_FILE} nor {INDEX_FILE}",
+        dir.display()
+    )
 }
 
 /// Names transformers ignores when loading (old checkpoints stored the rotary buffers).
 fn is_ignored_tensor(name: &str, config: &ModelConfig) -> bool {
-    name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight")
+    name.ends_with("rotary_emb.inv_freq")
+        || (config.tie_word_embeddings && name == "lm_head.weight")
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -141,14 +169,24 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 /// Reads and validates all weights: every tensor of `config.parameter_shapes()` must be present
 /// once with its exact shape, and nothing else (bar ignored buffers). Tensors are converted to
 /// `dtype` and moved to `device`.
-pub fn load_tensors(dir: &Path, config: &ModelConfig, device: Device, dtype: Kind) -> Result<BTreeMap<String, Tensor>> {
+pub fn load_tensors(
+    dir: &Path,
+    config: &ModelConfig,
+    device: Device,
+    dtype: Kind,
+) -> Result<BTreeMap<String, Tensor>> {
     let expected: HashMap<String, Vec<i64>> = config.parameter_shapes().into_iter().collect();
     let files = weight_files(dir)?;
     let mut tensors = BTreeMap::new();
     for path in &files {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                path.display()
+            )
+        })?;
         // Validate names and shapes of the whole file before converting anything.
         let mut names: Vec<&str> = st.names();
         names.sort();
@@ -156,7 +194,9 @@ pub fn load_tensors(dir: &Path, config: &ModelConfig, device: Device, dtype: Kin
             if is_ignored_tensor(name, config) {
                 continue;
             }
-            let view = st.tensor(name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+            let view = st
+                .tensor(name)
+                .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
             let Some(shape) = expected.get(*name) else {
                 bail!(
                     "{}: unexpected tensor {name} (shape {:?}) for a {} model with {} layers",
@@ -168,21 +208,34 @@ pub fn load_tensors(dir: &Path, config: &ModelConfig, device: Device, dtype: Kin
             };
             let actual: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
             if &actual != shape {
-                bail!("{}: tensor {name} has shape {actual:?}, expected {shape:?} from config.json", path.display());
+                bail!(
+                    "{}: tensor {name} has shape {actual:?}, expected {shape:?} from config.json",
+                    path.display()
+                );
             }
             if kind_of(view.dtype()).is_none() {
-                bail!("{}: tensor {name} has unsupported dtype {:?}", path.display(), view.dtype());
+                bail!(
+                    "{}: tensor {name} has unsupported dtype {:?}",
+                    path.display(),
+                    view.dtype()
+                );
             }
             if tensors.contains_key(*name) {
-                bail!("{}: tensor {name} appears in more than one file", path.display());
+                bail!(
+                    "{}: tensor {name} appears in more than one file",
+                    path.display()
+                );
             }
         }
         for name in names {
             if is_ignored_tensor(name, config) {
                 continue;
             }
-            let view = st.tensor(name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-            let kind = kind_of(view.dtype()).ok_or_else(|| anyhow!("{}: tensor {name}: unsupported dtype", path.display()))?;
+            let view = st
+                .tensor(name)
+                .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+            let kind = kind_of(view.dtype())
+                .ok_or_else(|| anyhow!("{}: tensor {name}: unsupported dtype", path.display()))?;
             let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
             let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .and_then(|t| t.f_to_dtype(dtype, false, false))
@@ -191,8 +244,11 @@ pub fn load_tensors(dir: &Path, config: &ModelConfig, device: Device, dtype: Kin
             tensors.insert(name.to_string(), tensor);
         }
     }
-    let mut missing: Vec<&str> =
-        expected.keys().filter(|name| !tensors.contains_key(*name)).map(String::as_str).collect();
+    let mut missing: Vec<&str> = expected
+        .keys()
+        .filter(|name| !tensors.contains_key(*name))
+        .map(String::as_str)
+        .collect();
     if !missing.is_empty() {
         missing.sort();
         let shown: Vec<&str> = missing.iter().take(5).copied().collect();
@@ -201,8 +257,16 @@ pub fn load_tensors(dir: &Path, config: &ModelConfig, device: Device, dtype: Kin
             dir.display(),
             if missing.len() > 1 { "s" } else { "" },
             shown.join(", "),
-            if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() },
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            if missing.len() > 5 {
+                format!(" and {} more", missing.len() - 5)
+            } else {
+                String::new()
+            },
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(tensors)
@@ -238,8 +302,13 @@ fn to_owned_view(name: &str, tensor: &Tensor) -> Result<OwnedView> {
         .with_context(|| format!("cannot copy tensor {name} to the CPU"))?;
     let numel = cpu.numel();
     let mut data = vec![0u8; numel * cpu.kind().elt_size_in_bytes()];
-    cpu.f_copy_data_u8(&mut data, numel).with_context(|| format!("cannot read tensor {name}"))?;
-    Ok(OwnedView { dtype, shape: cpu.size().iter().map(|&s| s as usize).collect(), data })
+    cpu.f_copy_data_u8(&mut data, numel)
+        .with_context(|| format!("cannot read tensor {name}"))?;
+    Ok(OwnedView {
+        dtype,
+        shape: cpu.size().iter().map(|&s| s as usize).collect(),
+        data,
+    })
 }
 
 fn validate_for_save(config: &ModelConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -248,7 +317,10 @@ fn validate_for_save(config: &ModelConfig, tensors: &BTreeMap<String, Tensor>) -
         match expected.get(name) {
             None => bail!("cannot save: unexpected tensor {name} for this config"),
             Some(shape) if *shape != tensor.size() => {
-                bail!("cannot save: tensor {name} has shape {:?}, config expects {shape:?}", tensor.size())
+                bail!(
+                    "cannot save: tensor {name} has shape {:?}, config expects {shape:?}",
+                    tensor.size()
+                )
             }
             _ => {}
         }
@@ -263,10 +335,19 @@ fn validate_for_save(config: &ModelConfig, tensors: &BTreeMap<String, Tensor>) -
 /// weights exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus
 /// `model.safetensors.index.json`. Files are written to a temporary directory beside `dir` and
 /// then renamed into place; older weight files in `dir` are removed.
-pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: u64) -> Result<()> {
+pub fn save_checkpoint(
+    dir: &Path,
+    config: &ModelConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    max_shard_bytes: u64,
+) -> Result<()> {
     validate_for_save(config, tensors)?;
     // Shards follow parameter order (layers stay together), as transformers does.
-    let order: Vec<String> = config.parameter_shapes().into_iter().map(|(n, _)| n).collect();
+    let order: Vec<String> = config
+        .parameter_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut shards: Vec<Vec<&str>> = vec![vec![]];
     let mut shard_bytes = 0u64;
     let mut total_bytes = 0u64;
@@ -282,10 +363,20 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
         total_bytes += bytes;
     }
 
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let dir_name = dir.file_name().ok_or_else(|| anyhow!("invalid output directory {}", dir.display()))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", dir_name.to_string_lossy(), std::process::id()));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let dir_name = dir
+        .file_name()
+        .ok_or_else(|| anyhow!("invalid output directory {}", dir.display()))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        dir_name.to_string_lossy(),
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
@@ -295,7 +386,10 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
     let mut written = vec!["config.json".to_string()];
     let mut config_json = config.to_hf_json();
     // The dtype the weights are stored in (transformers reads it for `torch_dtype="auto"`).
-    if let (Some(map), Some(t)) = (config_json.as_object_mut(), tensors.get("model.embed_tokens.weight")) {
+    if let (Some(map), Some(t)) = (
+        config_json.as_object_mut(),
+        tensors.get("model.embed_tokens.weight"),
+    ) {
         let name = match t.kind() {
             Kind::BFloat16 => "bfloat16",
             Kind::Half => "float16",
@@ -308,16 +402,27 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
         }
     }
     let config_text = serde_json::to_string_pretty(&config_json)?;
-    std::fs::write(tmp.join("config.json"), config_text + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(tmp.join("config.json"), config_text + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (i, names) in shards.iter().enumerate() {
-        let file = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
-        let views: Vec<(String, OwnedView)> =
-            names.iter().map(|name| Ok((name.to_string(), to_owned_view(name, &tensors[*name])?))).collect::<Result<_>>()?;
+        let file = if n == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let views: Vec<(String, OwnedView)> = names
+            .iter()
+            .map(|name| Ok((name.to_string(), to_owned_view(name, &tensors[*name])?)))
+            .collect::<Result<_>>()?;
         let path = tmp.join(&file);
-        safetensors::tensor::serialize_to_file(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata.clone()), &path)
-            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        safetensors::tensor::serialize_to_file(
+            views.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata.clone()),
+            &path,
+        )
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
         for name in names {
             weight_map.insert(name.to_string(), json!(file));
         }
@@ -325,8 +430,11 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
     }
     if n > 1 {
         let index = json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
-        std::fs::write(tmp.join(INDEX_FILE), serde_json::to_string_pretty(&index)? + "\n")
-            .with_context(|| format!("cannot write {}", tmp.join(INDEX_FILE).display()))?;
+        std::fs::write(
+            tmp.join(INDEX_FILE),
+            serde_json::to_string_pretty(&index)? + "\n",
+        )
+        .with_context(|| format!("cannot write {}", tmp.join(INDEX_FILE).display()))?;
         written.push(INDEX_FILE.to_string());
     }
 
@@ -335,9 +443,12 @@ pub fn save_checkpoint(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<Stri
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let stale = name == SINGLE_FILE || name == INDEX_FILE || (name.starts_with("model-") && name.ends_with(".safetensors"));
+            let stale = name == SINGLE_FILE
+                || name == INDEX_FILE
+                || (name.starts_with("model-") && name.ends_with(".safetensors"));
             if stale && !written.contains(&name) {
-                std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove stale {}", entry.path().display()))?;
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove stale {}", entry.path().display()))?;
             }
         }
     }
@@ -366,7 +477,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => Device::Cuda(0),
         other => match other.strip_prefix("cuda:") {
-            Some(n) => Device::Cuda(n.parse().map_err(|_| anyhow!("invalid device {other:?} (use cpu, cuda or cuda:N)"))?),
+            Some(n) => Device::Cuda(
+                n.parse()
+                    .map_err(|_| anyhow!("invalid device {other:?} (use cpu, cuda or cuda:N)"))?,
+            ),
             None => bail!("invalid device {other:?} (use cpu, cuda or cuda:N)"),
         },
     };

@@ -34,7 +34,12 @@ impl ModelType {
 pub enum RopeScaling {
     None,
     /// The Llama 3.1/3.2 frequency smoothing.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +78,8 @@ fn get_usize(raw: &Value, key: &str) -> Result<Option<usize>> {
 }
 
 fn require_usize(raw: &Value, key: &str) -> Result<usize> {
-    let n = get_usize(raw, key)?.ok_or_else(|| anyhow!("config is missing the required key {key:?}"))?;
+    let n = get_usize(raw, key)?
+        .ok_or_else(|| anyhow!("config is missing the required key {key:?}"))?;
     if n == 0 {
         bail!("config key {key:?} must be positive, got 0");
     }
@@ -83,14 +89,20 @@ fn require_usize(raw: &Value, key: &str) -> Result<usize> {
 fn get_f64(raw: &Value, key: &str) -> Result<Option<f64>> {
     match raw.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| anyhow!("config key {key:?} must be a number, got {v}")),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| anyhow!("config key {key:?} must be a number, got {v}")),
     }
 }
 
 fn get_bool(raw: &Value, key: &str) -> Result<Option<bool>> {
     match raw.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| anyhow!("config key {key:?} must be true or false, got {v}")),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| anyhow!("config key {key:?} must be true or false, got {v}")),
     }
 }
 
@@ -100,9 +112,14 @@ pub(crate) fn parse_token_ids(value: Option<&Value>, key: &str) -> Result<Vec<i6
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_i64().ok_or_else(|| anyhow!("{key:?} must hold integers, got {v}")))
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| anyhow!("{key:?} must hold integers, got {v}"))
+            })
             .collect(),
-        Some(v) => Ok(vec![v.as_i64().ok_or_else(|| anyhow!("{key:?} must be an integer or a list, got {v}"))?]),
+        Some(v) => Ok(vec![v.as_i64().ok_or_else(|| {
+            anyhow!("{key:?} must be an integer or a list, got {v}")
+        })?]),
     }
 }
 
@@ -144,8 +161,10 @@ fn parse_rope_scaling(raw: &Value) -> Result<RopeScaling> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("invalid model config {}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        Self::from_json_str(&text)
+            .with_context(|| format!("invalid model config {}", path.display()))
     }
 
     pub fn from_json_str(s: &str) -> Result<Self> {
@@ -156,7 +175,9 @@ impl ModelConfig {
         let model_type = match raw.get("model_type").and_then(Value::as_str) {
             Some("llama") => ModelType::Llama,
             Some("qwen2") => ModelType::Qwen2,
-            Some(other) => bail!("unsupported model_type {other:?} (supported: \"llama\", \"qwen2\")"),
+            Some(other) => {
+                bail!("unsupported model_type {other:?} (supported: \"llama\", \"qwen2\")")
+            }
             None => bail!("config has no \"model_type\" (supported: \"llama\", \"qwen2\")"),
         };
         if let Some(act) = raw.get("hidden_act").and_then(Value::as_str) {
@@ -177,12 +198,14 @@ impl ModelConfig {
         if get_bool(&raw, "mlp_bias")?.unwrap_or(false) {
             bail!("unsupported: mlp_bias = true");
         }
-        if model_type == ModelType::Qwen2 && get_bool(&raw, "use_sliding_window")?.unwrap_or(false) {
+        if model_type == ModelType::Qwen2 && get_bool(&raw, "use_sliding_window")?.unwrap_or(false)
+        {
             bail!("unsupported: qwen2 with use_sliding_window = true");
         }
         let hidden_size = require_usize(&raw, "hidden_size")?;
         let num_attention_heads = require_usize(&raw, "num_attention_heads")?;
-        let num_key_value_heads = get_usize(&raw, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads =
+            get_usize(&raw, "num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             bail!("num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})");
         }
@@ -216,7 +239,8 @@ impl ModelConfig {
             rope_scaling: parse_rope_scaling(&raw)?,
             tie_word_embeddings: get_bool(&raw, "tie_word_embeddings")?.unwrap_or(false),
             attention_bias,
-            max_position_embeddings: get_usize(&raw, "max_position_embeddings")?.unwrap_or(default_max_pos),
+            max_position_embeddings: get_usize(&raw, "max_position_embeddings")?
+                .unwrap_or(default_max_pos),
             bos_token_id: raw.get("bos_token_id").and_then(Value::as_i64),
             eos_token_ids: parse_token_ids(raw.get("eos_token_id"), "eos_token_id")?,
             raw,
@@ -249,7 +273,12 @@ impl ModelConfig {
             "rope_scaling",
             match self.rope_scaling {
                 RopeScaling::None => Value::Null,
-                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => json!({
                     "rope_type": "llama3",
                     "factor": factor,
                     "low_freq_factor": low_freq_factor,
@@ -262,7 +291,10 @@ impl ModelConfig {
         if self.model_type == ModelType::Llama {
             set("attention_bias", json!(false));
         }
-        set("max_position_embeddings", json!(self.max_position_embeddings));
+        set(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
         set("bos_token_id", json!(self.bos_token_id));
         set(
             "eos_token_id",
@@ -314,7 +346,10 @@ impl ModelConfig {
 
     /// Number of parameters (a tied lm_head is counted once, as transformers does).
     pub fn param_count(&self) -> u64 {
-        self.parameter_shapes().iter().map(|(_, shape)| shape.iter().product::<i64>() as u64).sum()
+        self.parameter_shapes()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+            .sum()
     }
 }
 

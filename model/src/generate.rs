@@ -28,7 +28,12 @@ impl GenerateOptions {
     /// Options for `model`: its config's eos ids, padding with the first eos id (or 0).
     pub fn for_model(model: &Transformer, max_new_tokens: usize) -> Self {
         let eos = model.config.eos_token_ids.clone();
-        GenerateOptions { max_new_tokens, pad_token_id: eos.first().copied().unwrap_or(0), eos_token_ids: eos, keep_prompt_logits: false }
+        GenerateOptions {
+            max_new_tokens,
+            pad_token_id: eos.first().copied().unwrap_or(0),
+            eos_token_ids: eos,
+            keep_prompt_logits: false,
+        }
     }
 }
 
@@ -77,17 +82,27 @@ pub fn left_pad(prompts: &[Vec<i64>], pad_token_id: i64, device: Device) -> Resu
     for (row, prompt) in prompts.iter().enumerate() {
         let start = row * width + width - prompt.len();
         ids[start..start + prompt.len()].copy_from_slice(prompt);
-        mask[start..start + prompt.len()].iter_mut().for_each(|m| *m = 1);
+        mask[start..start + prompt.len()]
+            .iter_mut()
+            .for_each(|m| *m = 1);
     }
     let shape = [prompts.len() as i64, width as i64];
     let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
     let attention_mask = Tensor::from_slice(&mask).view(shape).to_device(device);
     let positions = (attention_mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-    Ok(PaddedBatch { ids, attention_mask, positions })
+    Ok(PaddedBatch {
+        ids,
+        attention_mask,
+        positions,
+    })
 }
 
 /// Greedy generation with one model.
-pub fn greedy(model: &Transformer, prompts: &[Vec<i64>], options: &GenerateOptions) -> Result<GenerationOutput> {
+pub fn greedy(
+    model: &Transformer,
+    prompts: &[Vec<i64>],
+    options: &GenerateOptions,
+) -> Result<GenerationOutput> {
     greedy_two_stage(model, model, prompts, options)
 }
 
@@ -100,9 +115,17 @@ pub fn greedy_two_stage(
     options: &GenerateOptions,
 ) -> Result<GenerationOutput> {
     let (p, d) = (&prefill_model.config, &decode_model.config);
-    if (p.vocab_size, p.num_hidden_layers, p.num_key_value_heads, p.head_dim)
-        != (d.vocab_size, d.num_hidden_layers, d.num_key_value_heads, d.head_dim)
-    {
+    if (
+        p.vocab_size,
+        p.num_hidden_layers,
+        p.num_key_value_heads,
+        p.head_dim,
+    ) != (
+        d.vocab_size,
+        d.num_hidden_layers,
+        d.num_key_value_heads,
+        d.head_dim,
+    ) {
         bail!("the decode model's vocabulary/layers/KV heads/head_dim differ from the prefill model's: its cache cannot be shared");
     }
     if prefill_model.device() != decode_model.device() {
@@ -121,7 +144,12 @@ pub fn greedy_two_stage(
     };
 
     let start = Instant::now();
-    let logits = prefill_model.forward(&batch.ids, &batch.positions, &batch.attention_mask, Some(&mut cache))?;
+    let logits = prefill_model.forward(
+        &batch.ids,
+        &batch.positions,
+        &batch.attention_mask,
+        Some(&mut cache),
+    )?;
     let width = batch.ids.size()[1];
     let mut next = logits.select(1, width - 1).argmax(-1, false); // [B]
     let mut next_ids = Vec::<i64>::try_from(&next)?; // waits for the device
@@ -144,7 +172,9 @@ pub fn greedy_two_stage(
         for (row, &id) in next_ids.iter().enumerate() {
             if !finished[row] {
                 output.token_ids[row].push(id);
-                if options.eos_token_ids.contains(&id) || output.token_ids[row].len() >= options.max_new_tokens {
+                if options.eos_token_ids.contains(&id)
+                    || output.token_ids[row].len() >= options.max_new_tokens
+                {
                     finished[row] = true;
                 }
             }
@@ -153,12 +183,20 @@ pub fn greedy_two_stage(
             break;
         }
         if finished.iter().any(|&f| f) {
-            let fed: Vec<i64> =
-                next_ids.iter().zip(&finished).map(|(&id, &f)| if f { options.pad_token_id } else { id }).collect();
+            let fed: Vec<i64> = next_ids
+                .iter()
+                .zip(&finished)
+                .map(|(&id, &f)| if f { options.pad_token_id } else { id })
+                .collect();
             next = Tensor::from_slice(&fed).to_device(device);
         }
         mask = Tensor::cat(&[&mask, &ones], 1);
-        let logits = decode_model.forward(&next.view([rows as i64, 1]), &positions, &mask, Some(&mut cache))?;
+        let logits = decode_model.forward(
+            &next.view([rows as i64, 1]),
+            &positions,
+            &mask,
+            Some(&mut cache),
+        )?;
         positions += 1;
         next = logits.select(1, 0).argmax(-1, false);
         next_ids = Vec::<i64>::try_from(&next)?;

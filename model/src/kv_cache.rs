@@ -31,7 +31,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { num_layers, layers: (0..num_layers).map(|_| None).collect(), len: 0, attention_mask: None }
+        KvCache {
+            num_layers,
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            attention_mask: None,
+        }
     }
 
     /// A cache holding given K/V (e.g. another model's prefill, or a hand-built one):
@@ -50,7 +55,10 @@ impl KvCache {
         }
         Ok(KvCache {
             num_layers: layers.len(),
-            layers: layers.into_iter().map(|(k, v)| Some(LayerKv { k, v })).collect(),
+            layers: layers
+                .into_iter()
+                .map(|(k, v)| Some(LayerKv { k, v }))
+                .collect(),
             len: slots as usize,
             attention_mask: Some(attention_mask.to_kind(Kind::Int64)),
         })
@@ -82,7 +90,9 @@ impl KvCache {
     /// Real tokens cached per row.
     pub fn row_lengths(&self) -> Vec<i64> {
         match &self.attention_mask {
-            Some(m) => Vec::<i64>::try_from(m.sum_dim_intlist(1, false, Kind::Int64)).unwrap_or_default(),
+            Some(m) => {
+                Vec::<i64>::try_from(m.sum_dim_intlist(1, false, Kind::Int64)).unwrap_or_default()
+            }
             None => vec![],
         }
     }
@@ -92,14 +102,22 @@ impl KvCache {
         self.layers
             .iter()
             .filter_map(|l| l.as_ref())
-            .map(|l| (l.k.narrow(2, 0, self.len as i64), l.v.narrow(2, 0, self.len as i64)))
+            .map(|l| {
+                (
+                    l.k.narrow(2, 0, self.len as i64),
+                    l.v.narrow(2, 0, self.len as i64),
+                )
+            })
             .collect()
     }
 
     /// Cached (K, V) of one layer, [B, KV, len, hd]; `None` if not yet written.
     pub fn layer(&self, layer: usize) -> Option<(Tensor, Tensor)> {
         let l = self.layers.get(layer)?.as_ref()?;
-        Some((l.k.narrow(2, 0, self.len as i64), l.v.narrow(2, 0, self.len as i64)))
+        Some((
+            l.k.narrow(2, 0, self.len as i64),
+            l.v.narrow(2, 0, self.len as i64),
+        ))
     }
 
     /// Called by the model before a forward step with the mask over all slots, old and new.

@@ -63,11 +63,17 @@ impl RmsNorm {
 /// Rotary embedding: inverse frequencies [hd/2] (f32), with the Llama 3 smoothing if configured.
 fn rope_inv_freq(config: &ModelConfig, device: Device) -> Tensor {
     let dim = config.head_dim;
-    let inv_freq: Vec<f64> =
-        (0..dim / 2).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64)).collect();
+    let inv_freq: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+        .collect();
     let inv_freq = match config.rope_scaling {
         RopeScaling::None => inv_freq,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let old_context = original_max_position_embeddings as f64;
             let low_freq_wavelen = old_context / low_freq_factor;
             let high_freq_wavelen = old_context / high_freq_factor;
@@ -81,14 +87,17 @@ fn rope_inv_freq(config: &ModelConfig, device: Device) -> Tensor {
                         f / factor // low frequencies are scaled
                     } else {
                         // in between: interpolate
-                        let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
                 .collect()
         }
     };
-    Tensor::from_slice(&inv_freq).to_kind(Kind::Float).to_device(device)
+    Tensor::from_slice(&inv_freq)
+        .to_kind(Kind::Float)
+        .to_device(device)
 }
 
 /// cos and sin tables [B, 1, T, hd] in `kind` for rope positions [B, T].
@@ -121,12 +130,31 @@ struct Attention {
 
 impl Attention {
     /// x [B, T, D]; mask [B, 1, T, S] bool (true = may attend) -> [B, T, D].
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         // [B, T, H*hd] -> [B, H, T, hd]
-        let q = self.q_proj.forward(x).view([b, t, self.num_heads, self.head_dim]).transpose(1, 2);
-        let k = self.k_proj.forward(x).view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2);
-        let v = self.v_proj.forward(x).view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2);
+        let q = self
+            .q_proj
+            .forward(x)
+            .view([b, t, self.num_heads, self.head_dim])
+            .transpose(1, 2);
+        let k = self
+            .k_proj
+            .forward(x)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
         let q = apply_rope(&q, cos, sin);
         let k = apply_rope(&k, cos, sin);
         // [B, KV, S, hd]
@@ -135,9 +163,12 @@ impl Attention {
             None => (k, v),
         };
         let gqa = self.num_heads != self.num_kv_heads;
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa);
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa);
         // [B, H, T, hd] -> [B, T, H*hd]
-        let out = out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
 }
@@ -184,7 +215,9 @@ impl Block {
         if let Some(tap) = tap.as_mut() {
             tap(layer, TapPoint::AttnNormOut, &normed);
         }
-        let x = x + self.self_attn.forward(&normed, cos, sin, mask, cache.map(|c| (c, layer)));
+        let x = x + self
+            .self_attn
+            .forward(&normed, cos, sin, mask, cache.map(|c| (c, layer)));
         let normed = self.post_attention_layernorm.forward(&x);
         if let Some(tap) = tap.as_mut() {
             tap(layer, TapPoint::MlpNormOut, &normed);
@@ -215,29 +248,55 @@ impl Transformer {
     }
 
     /// Builds the model from HF-named tensors (all on one device, one dtype); shapes are checked.
-    pub fn from_tensors(config: ModelConfig, mut tensors: BTreeMap<String, Tensor>) -> Result<Self> {
+    pub fn from_tensors(
+        config: ModelConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
         let expected = config.parameter_shapes();
         for (name, shape) in &expected {
-            let t = tensors.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| anyhow!("missing tensor {name}"))?;
             if &t.size() != shape {
                 bail!("tensor {name} has shape {:?}, expected {shape:?}", t.size());
             }
         }
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(extra) = tensors.keys().find(|n| !known.contains(n.as_str()) && !(config.tie_word_embeddings && *n == "lm_head.weight")) {
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(extra) = tensors.keys().find(|n| {
+            !known.contains(n.as_str()) && !(config.tie_word_embeddings && *n == "lm_head.weight")
+        }) {
             bail!("unexpected tensor {extra} for this config");
         }
         let embed = &tensors["model.embed_tokens.weight"];
         let (device, kind) = (embed.device(), embed.kind());
-        if let Some((name, t)) = tensors.iter().find(|(_, t)| t.device() != device || t.kind() != kind) {
-            bail!("tensor {name} is {:?} on {:?}, the embedding is {kind:?} on {device:?}", t.kind(), t.device());
+        if let Some((name, t)) = tensors
+            .iter()
+            .find(|(_, t)| t.device() != device || t.kind() != kind)
+        {
+            bail!(
+                "tensor {name} is {:?} on {:?}, the embedding is {kind:?} on {device:?}",
+                t.kind(),
+                t.device()
+            );
         }
-        let mut take = |name: String| -> Result<Tensor> { tensors.remove(&name).ok_or_else(|| anyhow!("missing tensor {name}")) };
+        let mut take = |name: String| -> Result<Tensor> {
+            tensors
+                .remove(&name)
+                .ok_or_else(|| anyhow!("missing tensor {name}"))
+        };
         let eps = config.rms_norm_eps;
-        let linear = |take: &mut dyn FnMut(String) -> Result<Tensor>, prefix: &str, bias: bool| -> Result<Linear> {
+        let linear = |take: &mut dyn FnMut(String) -> Result<Tensor>,
+                      prefix: &str,
+                      bias: bool|
+         -> Result<Linear> {
             Ok(Linear {
                 weight: take(format!("{prefix}.weight"))?,
-                bias: if bias { Some(take(format!("{prefix}.bias"))?) } else { None },
+                bias: if bias {
+                    Some(take(format!("{prefix}.bias"))?)
+                } else {
+                    None
+                },
             })
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -245,7 +304,10 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let bias = config.attention_bias;
             layers.push(Block {
-                input_layernorm: RmsNorm { weight: take(format!("{p}.input_layernorm.weight"))?, eps },
+                input_layernorm: RmsNorm {
+                    weight: take(format!("{p}.input_layernorm.weight"))?,
+                    eps,
+                },
                 self_attn: Attention {
                     q_proj: linear(&mut take, &format!("{p}.self_attn.q_proj"), bias)?,
                     k_proj: linear(&mut take, &format!("{p}.self_attn.k_proj"), bias)?,
@@ -255,7 +317,10 @@ impl Transformer {
                     num_kv_heads: config.num_key_value_heads as i64,
                     head_dim: config.head_dim as i64,
                 },
-                post_attention_layernorm: RmsNorm { weight: take(format!("{p}.post_attention_layernorm.weight"))?, eps },
+                post_attention_layernorm: RmsNorm {
+                    weight: take(format!("{p}.post_attention_layernorm.weight"))?,
+                    eps,
+                },
                 mlp: Mlp {
                     gate_proj: linear(&mut take, &format!("{p}.mlp.gate_proj"), false)?,
                     up_proj: linear(&mut take, &format!("{p}.mlp.up_proj"), false)?,
@@ -264,10 +329,24 @@ impl Transformer {
             });
         }
         let embed_tokens = take("model.embed_tokens.weight".to_string())?;
-        let norm = RmsNorm { weight: take("model.norm.weight".to_string())?, eps };
-        let lm_head = if config.tie_word_embeddings { embed_tokens.shallow_clone() } else { take("lm_head.weight".to_string())? };
+        let norm = RmsNorm {
+            weight: take("model.norm.weight".to_string())?,
+            eps,
+        };
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            take("lm_head.weight".to_string())?
+        };
         let inv_freq = rope_inv_freq(&config, device);
-        Ok(Transformer { config, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Transformer {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// All parameters under their HF names (shallow clones sharing storage); `lm_head.weight`
@@ -280,17 +359,32 @@ impl Transformer {
         put("model.embed_tokens.weight".into(), &self.embed_tokens);
         for (i, block) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            put(format!("{p}.input_layernorm.weight"), &block.input_layernorm.weight);
-            put(format!("{p}.post_attention_layernorm.weight"), &block.post_attention_layernorm.weight);
+            put(
+                format!("{p}.input_layernorm.weight"),
+                &block.input_layernorm.weight,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                &block.post_attention_layernorm.weight,
+            );
             let a = &block.self_attn;
-            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (name, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 put(format!("{p}.self_attn.{name}.weight"), &lin.weight);
                 if let Some(b) = &lin.bias {
                     put(format!("{p}.self_attn.{name}.bias"), b);
                 }
             }
             let m = &block.mlp;
-            for (name, lin) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+            for (name, lin) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
                 put(format!("{p}.mlp.{name}.weight"), &lin.weight);
             }
         }
@@ -314,7 +408,13 @@ impl Transformer {
     /// ids [B, T] i64; positions [B, T] i64 (rope positions, e.g. cumsum(mask) - 1);
     /// attention_mask [B, S] with S = cached slots + T (1 = real token, 0 = padding).
     /// With a cache, the step attends to the cached K/V first and appends its own.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, attention_mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         self.run(ids, positions, attention_mask, cache, None)
     }
 
@@ -331,7 +431,13 @@ impl Transformer {
     }
 
     /// Final hidden states [B, T, D] (after the last norm), without the LM head.
-    pub fn forward_hidden(&self, ids: &Tensor, positions: &Tensor, attention_mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         self.hidden(ids, positions, attention_mask, cache, None)
     }
 
@@ -340,28 +446,52 @@ impl Transformer {
         hidden.linear::<&Tensor>(&self.lm_head, None)
     }
 
-    fn run(&self, ids: &Tensor, positions: &Tensor, attention_mask: &Tensor, cache: Option<&mut KvCache>, tap: Tap) -> Result<Tensor> {
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        tap: Tap,
+    ) -> Result<Tensor> {
         let hidden = self.hidden(ids, positions, attention_mask, cache, tap)?;
         Ok(self.lm_head(&hidden))
     }
 
     /// Checks the inputs so that the tensor ops below cannot fail on user data.
-    fn check_inputs(&self, ids: &Tensor, positions: &Tensor, attention_mask: &Tensor, cache: Option<&KvCache>) -> Result<(i64, i64, i64)> {
+    fn check_inputs(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&KvCache>,
+    ) -> Result<(i64, i64, i64)> {
         let ids_size = ids.size();
         if ids_size.len() != 2 || ids_size[1] == 0 {
             bail!("token ids must be [batch, tokens] with tokens > 0, got {ids_size:?}");
         }
         let (b, t) = (ids_size[0], ids_size[1]);
         if ids.kind() != Kind::Int64 || positions.kind() != Kind::Int64 {
-            bail!("token ids and positions must be i64, got {:?} and {:?}", ids.kind(), positions.kind());
+            bail!(
+                "token ids and positions must be i64, got {:?} and {:?}",
+                ids.kind(),
+                positions.kind()
+            );
         }
         if positions.size() != ids_size {
-            bail!("positions {:?} must have the shape of the token ids {ids_size:?}", positions.size());
+            bail!(
+                "positions {:?} must have the shape of the token ids {ids_size:?}",
+                positions.size()
+            );
         }
         let past = match cache {
             Some(c) => {
                 if c.num_layers() != self.layers.len() {
-                    bail!("KV cache has {} layers, the model {}", c.num_layers(), self.layers.len());
+                    bail!(
+                        "KV cache has {} layers, the model {}",
+                        c.num_layers(),
+                        self.layers.len()
+                    );
                 }
                 if let Some(cb) = c.batch_size() {
                     if cb != b {
@@ -373,21 +503,38 @@ impl Transformer {
             None => 0,
         };
         if attention_mask.size() != [b, past + t] {
-            bail!("attention mask {:?} must be [batch, cached + new] = [{b}, {}]", attention_mask.size(), past + t);
+            bail!(
+                "attention mask {:?} must be [batch, cached + new] = [{b}, {}]",
+                attention_mask.size(),
+                past + t
+            );
         }
         for dev in [ids.device(), positions.device(), attention_mask.device()] {
             if dev != self.device() {
-                bail!("inputs must be on the model's device {:?}, got {dev:?}", self.device());
+                bail!(
+                    "inputs must be on the model's device {:?}, got {dev:?}",
+                    self.device()
+                );
             }
         }
         let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
         if min < 0 || max >= self.config.vocab_size as i64 {
-            bail!("token id out of range [0, {}): min {min}, max {max}", self.config.vocab_size);
+            bail!(
+                "token id out of range [0, {}): min {min}, max {max}",
+                self.config.vocab_size
+            );
         }
         Ok((b, t, past))
     }
 
-    fn hidden(&self, ids: &Tensor, positions: &Tensor, attention_mask: &Tensor, mut cache: Option<&mut KvCache>, mut tap: Tap) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mut tap: Tap,
+    ) -> Result<Tensor> {
         let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, cache.as_deref())?;
         let _guard = tch::no_grad_guard();
         let device = self.device();
@@ -418,7 +565,13 @@ impl Transformer {
 
 /// Random initialisation in HF layout: every matrix ~ N(0, std), norms 1, biases 0 (transformers'
 /// `_init_weights` for Llama/Qwen2 with initializer_range = std). Deterministic for a seed.
-pub fn random_tensors(config: &ModelConfig, std: f64, seed: i64, device: Device, dtype: Kind) -> Result<BTreeMap<String, Tensor>> {
+pub fn random_tensors(
+    config: &ModelConfig,
+    std: f64,
+    seed: i64,
+    device: Device,
+    dtype: Kind,
+) -> Result<BTreeMap<String, Tensor>> {
     tch::manual_seed(seed);
     let _guard = tch::no_grad_guard();
     let mut out = BTreeMap::new();
@@ -430,7 +583,10 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: i64, device: Device,
         } else {
             Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * std
         };
-        let t = t.f_to_dtype(dtype, false, false).and_then(|t| t.f_to_device(device)).with_context(|| format!("tensor {name}"))?;
+        let t = t
+            .f_to_dtype(dtype, false, false)
+            .and_then(|t| t.f_to_device(device))
+            .with_context(|| format!("tensor {name}"))?;
         out.insert(name, t);
     }
     Ok(out)

@@ -13,7 +13,12 @@ fn load(case: &str) -> Transformer {
 }
 
 fn options(max_new_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens, eos_token_ids: vec![], pad_token_id: 0, keep_prompt_logits: true }
+    GenerateOptions {
+        max_new_tokens,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        keep_prompt_logits: true,
+    }
 }
 
 #[test]
@@ -26,7 +31,10 @@ fn greedy_tokens_match_transformers() {
         let out = greedy(&model, &[prompt], &options(expected.len())).unwrap();
         assert_eq!(out.token_ids[0], expected, "{case}");
         assert_eq!(out.decode_steps, expected.len() - 1);
-        let diff = max_abs_diff(&out.prompt_logits.unwrap().squeeze_dim(0), &refs["prompt_logits"]);
+        let diff = max_abs_diff(
+            &out.prompt_logits.unwrap().squeeze_dim(0),
+            &refs["prompt_logits"],
+        );
         assert!(diff <= 1e-4, "{case}: prompt logits differ by {diff}");
     }
 }
@@ -34,7 +42,11 @@ fn greedy_tokens_match_transformers() {
 #[test]
 fn left_padded_batch_generates_like_each_row_alone() {
     let model = load("llama_untied");
-    let prompts: Vec<Vec<i64>> = vec![vec![5, 9, 13, 40, 41, 7, 3], vec![60, 2], vec![11, 12, 13, 14]];
+    let prompts: Vec<Vec<i64>> = vec![
+        vec![5, 9, 13, 40, 41, 7, 3],
+        vec![60, 2],
+        vec![11, 12, 13, 14],
+    ];
     let batch = greedy(&model, &prompts, &options(6)).unwrap();
     for (row, prompt) in prompts.iter().enumerate() {
         let alone = greedy(&model, std::slice::from_ref(prompt), &options(6)).unwrap();
@@ -54,8 +66,14 @@ fn rows_stop_at_eos() {
     opts.eos_token_ids = vec![eos];
     let stopped = greedy(&model, &prompts, &opts).unwrap();
     let first_eos = free.token_ids[0].iter().position(|&t| t == eos).unwrap();
-    assert_eq!(stopped.token_ids[0], free.token_ids[0][..=first_eos].to_vec());
-    let row1_cut = free.token_ids[1].iter().position(|&t| t == eos).map_or(6, |p| p + 1);
+    assert_eq!(
+        stopped.token_ids[0],
+        free.token_ids[0][..=first_eos].to_vec()
+    );
+    let row1_cut = free.token_ids[1]
+        .iter()
+        .position(|&t| t == eos)
+        .map_or(6, |p| p + 1);
     assert_eq!(stopped.token_ids[1], free.token_ids[1][..row1_cut].to_vec());
 }
 
@@ -87,16 +105,28 @@ fn right_padded_batch_decodes_like_each_row_alone() {
     let n = rows.len() as i64;
     let ids = Tensor::from_slice(&ids).view([n, width]);
     let mut mask = Tensor::from_slice(&mask).view([n, width]);
-    let positions = Tensor::arange(width, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([n, 1]);
+    let positions = Tensor::arange(width, (Kind::Int64, Device::Cpu))
+        .unsqueeze(0)
+        .repeat([n, 1]);
     let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let _prefill = model.forward(&ids, &positions, &mask, Some(&mut cache)).unwrap();
+    let _prefill = model
+        .forward(&ids, &positions, &mask, Some(&mut cache))
+        .unwrap();
     let mut batch_logits = vec![];
     for step in 0..3 {
         let fed: Vec<i64> = steps.iter().map(|s| s[step]).collect();
         let pos: Vec<i64> = rows.iter().map(|r| (r.len() + step) as i64).collect();
-        mask = Tensor::cat(&[&mask, &Tensor::ones([n, 1], (Kind::Int64, Device::Cpu))], 1);
+        mask = Tensor::cat(
+            &[&mask, &Tensor::ones([n, 1], (Kind::Int64, Device::Cpu))],
+            1,
+        );
         let logits = model
-            .forward(&Tensor::from_slice(&fed).view([n, 1]), &Tensor::from_slice(&pos).view([n, 1]), &mask, Some(&mut cache))
+            .forward(
+                &Tensor::from_slice(&fed).view([n, 1]),
+                &Tensor::from_slice(&pos).view([n, 1]),
+                &mask,
+                Some(&mut cache),
+            )
             .unwrap();
         batch_logits.push(logits);
     }
@@ -106,9 +136,22 @@ fn right_padded_batch_decodes_like_each_row_alone() {
         let mut alone_cache = KvCache::new(model.config.num_hidden_layers);
         let mut alone_mask = Tensor::ones([1, t], (Kind::Int64, Device::Cpu));
         let alone_pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let _prefill = model.forward(&Tensor::from_slice(row).unsqueeze(0), &alone_pos, &alone_mask, Some(&mut alone_cache)).unwrap();
+        let _prefill = model
+            .forward(
+                &Tensor::from_slice(row).unsqueeze(0),
+                &alone_pos,
+                &alone_mask,
+                Some(&mut alone_cache),
+            )
+            .unwrap();
         for step in 0..3 {
-            alone_mask = Tensor::cat(&[&alone_mask, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu))], 1);
+            alone_mask = Tensor::cat(
+                &[
+                    &alone_mask,
+                    &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu)),
+                ],
+                1,
+            );
             let logits = model
                 .forward(
                     &Tensor::from_slice(&[steps[r][step]]).view([1, 1]),
@@ -118,7 +161,10 @@ fn right_padded_batch_decodes_like_each_row_alone() {
                 )
                 .unwrap();
             let diff = max_abs_diff(&batch_logits[step].get(r as i64), &logits.get(0));
-            assert!(diff <= 1e-4, "row {r} step {step}: differs from the row alone by {diff}");
+            assert!(
+                diff <= 1e-4,
+                "row {r} step {step}: differs from the row alone by {diff}"
+            );
         }
     }
 }
@@ -132,8 +178,71 @@ fn bad_inputs_are_errors_not_panics() {
     let err = format!("{:#}", model.forward(&ids, &pos, &mask, None).unwrap_err());
     assert!(err.contains("token id out of range"), "{err}");
     let ids = Tensor::from_slice(&[1i64, 5]).view([1, 2]);
-    let err = format!("{:#}", model.forward(&ids, &pos, &mask.narrow(1, 0, 1), None).unwrap_err());
+    let err = format!(
+        "{:#}",
+        model
+            .forward(&ids, &pos, &mask.narrow(1, 0, 1), None)
+            .unwrap_err()
+    );
     assert!(err.contains("attention mask"), "{err}");
     let mut cache = KvCache::new(1);
-    assert!(model.forward(&ids, &pos, &mask, Some(&mut cache)).is_err(), "cache with the wrong layer count");
+    assert!(
+        model.forward(&ids, &pos, &mask, Some(&mut cache)).is_err(),
+        "cache with the wrong layer count"
+    );
+}
+
+/// The cache is a plain value: its K/V and mask, rebuilt into a new cache (as another model
+/// would receive them), continue decoding exactly like the original.
+#[test]
+fn cache_handed_over_as_plain_tensors_decodes_identically() {
+    let model = load("llama3_tied");
+    let batch = left_pad(&[vec![5, 9, 13, 40], vec![60, 2]], 0, Device::Cpu).unwrap();
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let _prefill = model
+        .forward(
+            &batch.ids,
+            &batch.positions,
+            &batch.attention_mask,
+            Some(&mut cache),
+        )
+        .unwrap();
+    assert_eq!(cache.len(), 4);
+    assert_eq!(cache.row_lengths(), vec![4, 2]);
+    let layers = cache.layers();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0].0.size(), vec![2, 2, 4, 16]); // [B, KV, T, hd]
+    let handed: Vec<(Tensor, Tensor)> = layers.iter().map(|(k, v)| (k.copy(), v.copy())).collect();
+    let mut copy = KvCache::from_parts(handed, cache.attention_mask().unwrap().copy()).unwrap();
+    let next = Tensor::from_slice(&[7i64, 8]).view([2, 1]);
+    let positions = Tensor::from_slice(&[4i64, 2]).view([2, 1]);
+    let mask = Tensor::cat(
+        &[
+            &batch.attention_mask,
+            &Tensor::ones([2, 1], (Kind::Int64, Device::Cpu)),
+        ],
+        1,
+    );
+    let a = model
+        .forward(&next, &positions, &mask, Some(&mut cache))
+        .unwrap();
+    let b = model
+        .forward(&next, &positions, &mask, Some(&mut copy))
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(copy.len(), 5);
+    // Two-stage generation with the same model on both sides is plain greedy generation.
+    let prompts = vec![vec![5, 9, 13, 40], vec![60, 2]];
+    let one = greedy(&model, &prompts, &options(5)).unwrap();
+    let two =
+        overfill_model::generate::greedy_two_stage(&model, &model, &prompts, &options(5)).unwrap();
+    assert_eq!(one.token_ids, two.token_ids);
+    assert!(KvCache::from_parts(
+        vec![(
+            Tensor::zeros([2, 2, 3, 16], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([2, 2, 3, 16], (Kind::Float, Device::Cpu))
+        )],
+        Tensor::ones([2, 4], (Kind::Int64, Device::Cpu))
+    )
+    .is_err());
 }

@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 const TOL: f64 = 1e-4;
 
 fn load(case: &str) -> Transformer {
-    Transformer::load(&case_model_dir(case), Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{case}: {e:#}"))
+    Transformer::load(&case_model_dir(case), Device::Cpu, Kind::Float)
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"))
 }
 
 fn check_prefill_and_decode(case: &str) {
@@ -22,7 +23,9 @@ fn check_prefill_and_decode(case: &str) {
     let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
     let mask = Tensor::ones([1, t], (Kind::Int64, Device::Cpu));
     let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let logits = model.forward(&prompt, &positions, &mask, Some(&mut cache)).unwrap();
+    let logits = model
+        .forward(&prompt, &positions, &mask, Some(&mut cache))
+        .unwrap();
     let diff = max_abs_diff(&logits.squeeze_dim(0), &refs["prompt_logits"]);
     assert!(diff <= TOL, "{case}: prefill logits differ by {diff}");
     assert_eq!(cache.len(), t as usize);
@@ -31,12 +34,27 @@ fn check_prefill_and_decode(case: &str) {
     let mut next = logits.select(1, t - 1).argmax(-1, true); // [1, 1]
     let mut mask = mask;
     for (step, expected) in expected_ids.iter().enumerate() {
-        assert_eq!(next.int64_value(&[0, 0]), *expected, "{case}: greedy token {step} differs");
-        mask = Tensor::cat(&[&mask, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu))], 1);
+        assert_eq!(
+            next.int64_value(&[0, 0]),
+            *expected,
+            "{case}: greedy token {step} differs"
+        );
+        mask = Tensor::cat(
+            &[&mask, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu))],
+            1,
+        );
         let position = Tensor::from_slice(&[t + step as i64]).view([1, 1]);
-        let step_logits = model.forward(&next, &position, &mask, Some(&mut cache)).unwrap();
-        let diff = max_abs_diff(&step_logits.view([-1]), &refs["step_logits"].get(step as i64));
-        assert!(diff <= TOL, "{case}: decode step {step} logits differ by {diff}");
+        let step_logits = model
+            .forward(&next, &position, &mask, Some(&mut cache))
+            .unwrap();
+        let diff = max_abs_diff(
+            &step_logits.view([-1]),
+            &refs["step_logits"].get(step as i64),
+        );
+        assert!(
+            diff <= TOL,
+            "{case}: decode step {step} logits differ by {diff}"
+        );
         next = step_logits.select(1, 0).argmax(-1, true);
     }
     assert_eq!(cache.len(), t as usize + expected_ids.len());
@@ -54,14 +72,30 @@ fn check_left_padded_batch(case: &str) {
         let n = mask.get(row).sum(Kind::Int64).int64_value(&[]);
         let real = logits.get(row).narrow(0, width - n, n);
         // Against transformers' batched run...
-        let diff = max_abs_diff(&real, &refs["batch_logits"].get(row).narrow(0, width - n, n));
-        assert!(diff <= TOL, "{case}: batch row {row} differs from transformers by {diff}");
+        let diff = max_abs_diff(
+            &real,
+            &refs["batch_logits"].get(row).narrow(0, width - n, n),
+        );
+        assert!(
+            diff <= TOL,
+            "{case}: batch row {row} differs from transformers by {diff}"
+        );
         // ...and against the same row run alone.
         let alone_ids = ids.get(row).narrow(0, width - n, n).unsqueeze(0);
         let alone_pos = Tensor::arange(n, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let alone = model.forward(&alone_ids, &alone_pos, &Tensor::ones([1, n], (Kind::Int64, Device::Cpu)), None).unwrap();
+        let alone = model
+            .forward(
+                &alone_ids,
+                &alone_pos,
+                &Tensor::ones([1, n], (Kind::Int64, Device::Cpu)),
+                None,
+            )
+            .unwrap();
         let diff = max_abs_diff(&real, &alone.squeeze_dim(0));
-        assert!(diff <= TOL, "{case}: batch row {row} differs from the row alone by {diff}");
+        assert!(
+            diff <= TOL,
+            "{case}: batch row {row} differs from the row alone by {diff}"
+        );
     }
 }
 
@@ -88,7 +122,10 @@ fn explicit_head_dim_matches_transformers() {
     for case in ["llama_head_dim", "qwen2_head_dim"] {
         let model = load(case);
         assert_eq!(model.config.head_dim, 24);
-        assert_ne!(model.config.head_dim * model.config.num_attention_heads, model.config.hidden_size);
+        assert_ne!(
+            model.config.head_dim * model.config.num_attention_heads,
+            model.config.hidden_size
+        );
         check_prefill_and_decode(case);
         check_left_padded_batch(case);
     }

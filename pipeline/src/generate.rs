@@ -46,7 +46,10 @@ fn parse_ids(s: &str) -> Result<Vec<i64>> {
         .split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<i64>().map_err(|_| anyhow!("--prompt-ids: {p:?} is not an integer token id")))
+        .map(|p| {
+            p.parse::<i64>()
+                .map_err(|_| anyhow!("--prompt-ids: {p:?} is not an integer token id"))
+        })
         .collect::<Result<_>>()?;
     if ids.is_empty() {
         bail!("--prompt-ids is empty");
@@ -70,7 +73,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     let prompt_ids = match (&args.prompt, &args.prompt_ids, &tokenizer) {
         (Some(text), _, Some(tok)) => {
-            let encoding = tok.encode(text.as_str(), true).map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
+            let encoding = tok
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
             encoding.get_ids().iter().map(|&id| id as i64).collect()
         }
         (_, Some(ids), _) => parse_ids(ids)?,
@@ -80,7 +85,8 @@ pub fn run(args: Args) -> Result<()> {
         bail!("the prompt has no tokens");
     }
 
-    let model = Transformer::load(&dir, device, dtype).with_context(|| format!("loading model {}", dir.display()))?;
+    let model = Transformer::load(&dir, device, dtype)
+        .with_context(|| format!("loading model {}", dir.display()))?;
     let mut options = GenerateOptions::for_model(&model, args.max_new_tokens);
     options.keep_prompt_logits = args.logits.is_some();
     let output = greedy(&model, std::slice::from_ref(&prompt_ids), &options)?;
@@ -95,7 +101,10 @@ pub fn run(args: Args) -> Result<()> {
     let text = match &tokenizer {
         Some(tok) => {
             let ids: Vec<u32> = generated.iter().map(|&id| id as u32).collect();
-            Some(tok.decode(&ids, true).map_err(|e| anyhow!("cannot decode the generated ids: {e}"))?)
+            Some(
+                tok.decode(&ids, true)
+                    .map_err(|e| anyhow!("cannot decode the generated ids: {e}"))?,
+            )
         }
         None => None,
     };
@@ -116,7 +125,14 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         match text {
             Some(t) => println!("{t}"),
-            None => println!("{}", generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
+            None => println!(
+                "{}",
+                generated
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
         eprintln!(
             "prompt {} tokens, prefill {:.3} s; {} tokens generated, {:.2} ms/token decode",

@@ -38,9 +38,18 @@ pub fn run(args: Args) -> Result<()> {
     }
     let tokenizer_files = match &args.tokenizer {
         Some(path) => {
-            let json = if path.is_dir() { path.join("tokenizer.json") } else { path.clone() };
+            let json = if path.is_dir() {
+                path.join("tokenizer.json")
+            } else {
+                path.clone()
+            };
             let tokenizer = overfill_data::tokenize::load_tokenizer(&json)?;
-            let max_id = tokenizer.get_vocab(true).values().copied().max().unwrap_or(0) as usize;
+            let max_id = tokenizer
+                .get_vocab(true)
+                .values()
+                .copied()
+                .max()
+                .unwrap_or(0) as usize;
             // Real tokenizers sometimes carry extra special tokens past the model's vocabulary
             // (Llama 3.2's <|image|>); generation rejects such ids if they ever occur.
             if max_id >= config.vocab_size {
@@ -62,8 +71,12 @@ pub fn run(args: Args) -> Result<()> {
     let tensors = random_tensors(&config, args.std, args.seed, tch::Device::Cpu, dtype)?;
     save_checkpoint(&args.out, &config, &tensors, 2 << 30)?;
     for file in tokenizer_files {
-        let name = file.file_name().context("tokenizer path has no file name")?;
-        std::fs::copy(&file, args.out.join(name)).with_context(|| format!("cannot copy {} into {}", file.display(), args.out.display()))?;
+        let name = file
+            .file_name()
+            .context("tokenizer path has no file name")?;
+        std::fs::copy(&file, args.out.join(name)).with_context(|| {
+            format!("cannot copy {} into {}", file.display(), args.out.display())
+        })?;
     }
     eprintln!(
         "wrote {} ({} parameters, {} layers, hidden {}, {})",

@@ -1,65 +1,72 @@
 //! The `overfill generate` and `overfill init-model` command-line contract, checked against
 //! transformers (tests/python/model_ref.py).
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+// The model tests' helpers (paths, the cached transformers reference, comparisons).
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::{max_abs_diff, model_ref, read_refs, reference_dir, repo_root, to_vec_i64 as ids};
 use tch::{Kind, Tensor};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
-
-fn model_ref(args: &[&str]) {
-    let out = Command::new(python()).arg(repo_root().join("tests/python/model_ref.py")).args(args).output().unwrap();
-    assert!(out.status.success(), "model_ref.py {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+fn read(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    read_refs(path)
 }
 
 fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn overfill_ok(args: &[&str]) -> String {
     let out = overfill(args);
-    assert!(out.status.success(), "overfill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "overfill {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
-
-fn ids(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1)).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]
 fn prompt_ids_give_transformers_logits_and_greedy_tokens() {
     let tmp = tempfile::tempdir().unwrap();
-    model_ref(&["make", tmp.path().to_str().unwrap()]);
     for case in ["llama3_tied", "qwen2_bias"] {
-        let model = tmp.path().join(case).join("model");
-        let refs = read(&tmp.path().join(case).join("ref.safetensors"));
-        let prompt: Vec<String> = ids(&refs["prompt_ids"]).iter().map(i64::to_string).collect();
+        let model = reference_dir().join(case).join("model");
+        let refs = read(&reference_dir().join(case).join("ref.safetensors"));
+        let prompt: Vec<String> = ids(&refs["prompt_ids"])
+            .iter()
+            .map(i64::to_string)
+            .collect();
         let logits_file = tmp.path().join(format!("{case}-logits.safetensors"));
         let stdout = overfill_ok(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt-ids", &prompt.join(","),
-            "--max-new-tokens", "8", "--json", "--logits", logits_file.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt.join(","),
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "--logits",
+            logits_file.to_str().unwrap(),
         ]);
         let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        let ours: Vec<i64> = out["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let ours: Vec<i64> = out["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         // The reference decodes 8 steps ignoring eos; ours stops after eos (id 2 in these configs).
         let expected = ids(&refs["greedy_ids"]);
-        let cut = expected.iter().position(|&t| t == 2).map_or(expected.len(), |p| p + 1);
+        let cut = expected
+            .iter()
+            .position(|&t| t == 2)
+            .map_or(expected.len(), |p| p + 1);
         assert_eq!(ours, expected[..cut].to_vec(), "{case}");
         for key in ["prefill_seconds", "decode_seconds_per_token"] {
             assert!(out[key].as_f64().unwrap() >= 0.0, "{case}: {key} in {out}");
@@ -67,7 +74,10 @@ fn prompt_ids_give_transformers_logits_and_greedy_tokens() {
         let logits = read(&logits_file);
         assert_eq!(logits["logits"].kind(), Kind::Float);
         let diff = max_abs_diff(&logits["logits"], &refs["prompt_logits"]);
-        assert!(diff <= 1e-4, "{case}: --logits differ from transformers by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{case}: --logits differ from transformers by {diff}"
+        );
     }
 }
 
@@ -93,8 +103,17 @@ fn text_prompt_with_init_model_checkpoint_matches_transformers() {
     let model = tmp.path().join("model");
     let model_s = model.to_str().unwrap();
     overfill_ok(&[
-        "init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--seed", "3", "--std", "0.5",
-        "--tokenizer", tokenizer.to_str().unwrap(),
+        "init-model",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model_s,
+        "--seed",
+        "3",
+        "--std",
+        "0.5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
     ]);
     assert!(model.join("tokenizer.json").is_file() && model.join("model.safetensors").is_file());
     let text = "The quick brown fox jumps over the lazy dog.";
@@ -103,13 +122,29 @@ fn text_prompt_with_init_model_checkpoint_matches_transformers() {
     let refs = read(&refs_file);
     let logits_file = tmp.path().join("logits.safetensors");
     let stdout = overfill_ok(&[
-        "generate", "--model", model_s, "--prompt", text, "--max-new-tokens", "6", "--json",
-        "--logits", logits_file.to_str().unwrap(),
+        "generate",
+        "--model",
+        model_s,
+        "--prompt",
+        text,
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--logits",
+        logits_file.to_str().unwrap(),
     ]);
     let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let ours: Vec<i64> = out["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let ours: Vec<i64> = out["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     assert_eq!(ours, ids(&refs["greedy_ids"]));
-    assert_eq!(out["prompt_tokens"].as_u64().unwrap() as i64, refs["prompt_ids"].size()[0]);
+    assert_eq!(
+        out["prompt_tokens"].as_u64().unwrap() as i64,
+        refs["prompt_ids"].size()[0]
+    );
     let diff = max_abs_diff(&read(&logits_file)["logits"], &refs["logits"]);
     assert!(diff <= 1e-4, "logits differ from transformers by {diff}");
 }
@@ -117,17 +152,38 @@ fn text_prompt_with_init_model_checkpoint_matches_transformers() {
 #[test]
 fn bad_input_fails_with_a_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    let out = overfill(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config.json not found") && !err.contains("panicked"), "{err}");
-    let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,x"]);
+    assert!(
+        err.contains("config.json not found") && !err.contains("panicked"),
+        "{err}"
+    );
+    let out = overfill(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,x",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not an integer token id"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("not an integer token id"),
+        "{err}"
+    );
     let out = overfill(&["generate", "--model", tmp.path().to_str().unwrap()]);
     assert!(!out.status.success(), "a prompt is required");
     for sub in ["generate", "init-model"] {
         let help = overfill_ok(&[sub, "--help"]);
-        assert!(help.contains("--model") || help.contains("--config"), "{help}");
+        assert!(
+            help.contains("--model") || help.contains("--config"),
+            "{help}"
+        );
     }
 }

@@ -8,11 +8,16 @@ use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("model/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("model/ has a parent")
+        .to_path_buf()
 }
 
 pub fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+    std::env::var_os("OVERFILL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
 }
 
 /// Runs `tests/python/model_ref.py ARGS` and returns its stdout; panics with stderr on failure.
@@ -22,29 +27,69 @@ pub fn model_ref(args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
-    assert!(out.status.success(), "model_ref.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "model_ref.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
-/// The reference checkpoints and outputs, made once per test binary.
+/// The reference checkpoints and outputs. Made once per version of model_ref.py into a cache
+/// folder beside the test executables (`<target>/release/model-ref-cache/<hash>`), so the test
+/// binaries share one Python run; built in a temporary folder and renamed into place.
 pub fn reference_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("overfill-model-ref").tempdir().expect("temp dir");
-        model_ref(&["make", dir.path().to_str().expect("utf-8 temp path")]);
+        let script = std::fs::read(repo_root().join("tests/python/model_ref.py"))
+            .expect("tests/python/model_ref.py");
+        // FNV-1a: a stable content hash without extra dependencies.
+        let hash = script.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        let exe = std::env::current_exe().expect("test executable path");
+        let cache = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .join("model-ref-cache");
+        let dir = cache.join(format!("{hash:016x}"));
+        if !dir.join("done").is_file() {
+            std::fs::create_dir_all(&cache).expect("cache folder");
+            let tmp = tempfile::Builder::new()
+                .prefix(".building")
+                .tempdir_in(&cache)
+                .expect("temp dir");
+            model_ref(&["make", tmp.path().to_str().expect("utf-8 temp path")]);
+            std::fs::write(tmp.path().join("done"), "").expect("marker");
+            let tmp = tmp.keep();
+            if std::fs::rename(&tmp, &dir).is_err() {
+                // Another process finished first; use its copy.
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
         dir
     })
-    .path()
+    .as_path()
 }
 
-pub const CASES: [&str; 5] = ["llama3_tied", "llama_untied", "qwen2_bias", "llama_head_dim", "qwen2_head_dim"];
+pub const CASES: [&str; 5] = [
+    "llama3_tied",
+    "llama_untied",
+    "qwen2_bias",
+    "llama_head_dim",
+    "qwen2_head_dim",
+];
 
 pub fn case_model_dir(case: &str) -> PathBuf {
     reference_dir().join(case).join("model")
 }
 
 pub fn read_refs(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 pub fn case_refs(case: &str) -> HashMap<String, Tensor> {
@@ -53,7 +98,10 @@ pub fn case_refs(case: &str) -> HashMap<String, Tensor> {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
