@@ -144,13 +144,14 @@ fn resolve(args: &Args) -> Result<Settings> {
     };
     let dry_run_needs_no_data = args.dry_run;
     let settings = Settings {
-        // Model and shards default to the recipe's [model] table and [preprocess] output.
+        // Model and shards default to the recipe's [model] path and [data] shards (where
+        // `overfill preprocess` writes).
         model: args.model.clone().or_else(|| toml_str(cal, "model")).or_else(|| {
             let model_table = recipe.as_ref().and_then(|(_, v)| v.get("model"));
             ["path", "dir", "id", "name"].iter().find_map(|k| toml_str(model_table, k))
         }),
         data: args.data.clone().or_else(|| toml_str(cal, "data").map(PathBuf::from)).or_else(|| {
-            toml_str(recipe.as_ref().and_then(|(_, v)| v.get("preprocess")), "out").map(PathBuf::from)
+            toml_str(recipe.as_ref().and_then(|(_, v)| v.get("data")), "shards").map(PathBuf::from)
         }),
         width_hidden: width(&args.width_hidden, "width_hidden")?,
         width_intermediate: width(&args.width_intermediate, "width_intermediate")?,
