@@ -32,13 +32,16 @@ pub struct Args {
     /// Validation rows (fraction of kept rows).
     #[arg(long, conflicts_with = "val_size")]
     val_fraction: Option<f64>,
+    /// Truncate context + target to this many tokens; rows left with no target token are dropped
     #[arg(long)]
     max_seq_length: Option<usize>,
+    /// Drop rows whose context + target is longer than this many tokens (before truncation)
     #[arg(long)]
     pre_filter_max_seq_length: Option<usize>,
     /// Allowed languages, comma separated (rows without a language tag pass).
     #[arg(long, value_delimiter = ',')]
     languages: Option<Vec<String>>,
+    /// Seed of the shuffle and the train/validation split
     #[arg(long)]
     seed: Option<u64>,
     /// Drop exact duplicate conversations.
