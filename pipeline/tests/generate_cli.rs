@@ -54,13 +54,7 @@ fn prompt_ids_give_transformers_logits_and_greedy_tokens() {
             "--logits",
             logits_file.to_str().unwrap(),
         ]);
-        let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        let ours: Vec<i64> = out["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
+        let (out, ours) = parse_generate_json(&stdout);
         // The reference decodes 8 steps ignoring eos; ours stops after eos (id 2 in these configs).
         let expected = ids(&refs["greedy_ids"]);
         let cut = expected
@@ -133,13 +127,7 @@ fn text_prompt_with_init_model_checkpoint_matches_transformers() {
         "--logits",
         logits_file.to_str().unwrap(),
     ]);
-    let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let ours: Vec<i64> = out["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
+    let (out, ours) = parse_generate_json(&stdout);
     assert_eq!(ours, ids(&refs["greedy_ids"]));
     assert_eq!(
         out["prompt_tokens"].as_u64().unwrap() as i64,
@@ -186,4 +174,11 @@ fn bad_input_fails_with_a_message() {
             "{help}"
         );
     }
+}
+
+/// The `--json` object of `overfill generate` and its generated `token_ids`.
+fn parse_generate_json(stdout: &str) -> (serde_json::Value, Vec<i64>) {
+    let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let token_ids = out["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    (out, token_ids)
 }
