@@ -179,8 +179,7 @@ pub fn load_tensors(
     let files = weight_files(dir)?;
     let mut tensors = BTreeMap::new();
     for path in &files {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = map_file(path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
             anyhow!(
                 "{}: not a valid safetensors file (truncated or corrupt?): {e}",
@@ -270,6 +269,16 @@ pub fn load_tensors(
         );
     }
     Ok(tensors)
+}
+
+/// Memory-maps a weights file: a shard of a large model (about 5 GB for Llama-3.1-8B) is paged in
+/// while its tensors are copied into libtorch, instead of being read whole into a buffer first,
+/// which would double the peak memory of loading.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // SAFETY: the map is read-only and lives only while this shard is converted; a checkpoint
+    // being rewritten underneath a running load is outside what this loader supports.
+    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))
 }
 
 /// A tensor's bytes, ready for the safetensors writer.
