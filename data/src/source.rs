@@ -210,11 +210,41 @@ pub fn read_file(
     bytes_read: &AtomicU64,
     sink: &mut dyn FnMut(RawRecord) -> Result<()>,
 ) -> Result<u64> {
+    let mut rows = RowSink { file_index, first_row_id, skip, sink };
     match file.format {
-        Format::Json => read_json_array(file, file_index, first_row_id, skip, bytes_read, sink),
-        Format::Jsonl => read_jsonl(file, file_index, first_row_id, skip, bytes_read, sink),
-        Format::Parquet => read_parquet(file, file_index, first_row_id, skip, bytes_read, sink),
+        Format::Json => read_json_array(file, bytes_read, &mut rows),
+        Format::Jsonl => read_jsonl(file, bytes_read, &mut rows),
+        Format::Parquet => read_parquet(file, bytes_read, &mut rows),
         Format::Auto => bail!("format of {} not resolved", file.path.display()),
+    }
+}
+
+/// Where the format readers hand their rows: numbers them and drops the first `skip` rows of
+/// the file (already done in an earlier run).
+struct RowSink<'a> {
+    file_index: usize,
+    first_row_id: u64,
+    skip: u64,
+    sink: &'a mut dyn FnMut(RawRecord) -> Result<()>,
+}
+
+impl RowSink<'_> {
+    /// Whether row `row_in_file` is passed on (readers skip decoding the others).
+    fn wants(&self, row_in_file: u64) -> bool {
+        row_in_file >= self.skip
+    }
+
+    fn emit(&mut self, row_in_file: u64, byte_offset: Option<u64>, payload: RawPayload) -> Result<()> {
+        if !self.wants(row_in_file) {
+            return Ok(());
+        }
+        (self.sink)(RawRecord {
+            row_id: self.first_row_id + row_in_file,
+            file_index: self.file_index,
+            row_in_file,
+            byte_offset,
+            payload,
+        })
     }
 }
 
@@ -227,11 +257,8 @@ fn open(file: &InputFile) -> Result<BufReader<File>> {
 /// scanner tracks strings and nesting depth only; each element's bytes are parsed later.
 fn read_json_array(
     file: &InputFile,
-    file_index: usize,
-    first_row_id: u64,
-    skip: u64,
     bytes_read: &AtomicU64,
-    sink: &mut dyn FnMut(RawRecord) -> Result<()>,
+    rows: &mut RowSink,
 ) -> Result<u64> {
     let mut reader = open(file)?;
     let path = file.path.display();
@@ -271,23 +298,14 @@ fn read_json_array(
         if buf.is_empty() {
             if in_element {
                 // Truncated file: hand the partial element on; it fails to parse and is counted.
-                let keep = row >= skip;
-                if keep {
-                    sink(RawRecord {
-                        row_id: first_row_id + row,
-                        file_index,
-                        row_in_file: row,
-                        byte_offset: Some(element_start),
-                        payload: RawPayload::Json(std::mem::take(&mut element)),
-                    })?;
-                }
+                rows.emit(row, Some(element_start), RawPayload::Json(std::mem::take(&mut element)))?;
                 row += 1;
             }
             break;
         }
         let mut i = 0;
         let mut element_done = false;
-        let keep = row >= skip;
+        let keep = rows.wants(row);
         while i < buf.len() {
             let b = buf[i];
             if !in_element {
@@ -364,15 +382,7 @@ fn read_json_array(
             reported = offset;
         }
         if element_done {
-            if keep {
-                sink(RawRecord {
-                    row_id: first_row_id + row,
-                    file_index,
-                    row_in_file: row,
-                    byte_offset: Some(element_start),
-                    payload: RawPayload::Json(std::mem::take(&mut element)),
-                })?;
-            }
+            rows.emit(row, Some(element_start), RawPayload::Json(std::mem::take(&mut element)))?;
             in_element = false;
             row += 1;
         }
@@ -383,11 +393,8 @@ fn read_json_array(
 
 fn read_jsonl(
     file: &InputFile,
-    file_index: usize,
-    first_row_id: u64,
-    skip: u64,
     bytes_read: &AtomicU64,
-    sink: &mut dyn FnMut(RawRecord) -> Result<()>,
+    rows: &mut RowSink,
 ) -> Result<u64> {
     let mut reader = open(file)?;
     let mut line = Vec::new();
@@ -405,14 +412,8 @@ fn read_jsonl(
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        if row >= skip {
-            sink(RawRecord {
-                row_id: first_row_id + row,
-                file_index,
-                row_in_file: row,
-                byte_offset: Some(start),
-                payload: RawPayload::Json(line.clone()),
-            })?;
+        if rows.wants(row) {
+            rows.emit(row, Some(start), RawPayload::Json(line.clone()))?;
         }
         row += 1;
     }
@@ -456,11 +457,8 @@ fn conversation_at(column: &dyn Array, i: usize) -> Result<Vec<(String, String)>
 
 fn read_parquet(
     file: &InputFile,
-    file_index: usize,
-    first_row_id: u64,
-    skip: u64,
     bytes_read: &AtomicU64,
-    sink: &mut dyn FnMut(RawRecord) -> Result<()>,
+    rows: &mut RowSink,
 ) -> Result<u64> {
     let f = File::open(&file.path).with_context(|| format!("opening {}", file.path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -477,19 +475,13 @@ fn read_parquet(
         let language = ["langdetect", "language", "lang"].iter().find_map(|n| batch.column_by_name(n));
         let system = batch.column_by_name("system_prompt");
         for i in 0..batch.num_rows() {
-            if row >= skip {
+            if rows.wants(row) {
                 let decoded = conversation_at(column.as_ref(), i).map(|turns| RawConversation {
                     turns,
                     system_prompt: system.and_then(|c| string_value(c.as_ref(), i)),
                     language: language.and_then(|c| string_value(c.as_ref(), i)),
                 });
-                sink(RawRecord {
-                    row_id: first_row_id + row,
-                    file_index,
-                    row_in_file: row,
-                    byte_offset: None,
-                    payload: RawPayload::Decoded(decoded),
-                })?;
+                rows.emit(row, None, RawPayload::Decoded(decoded))?;
             }
             row += 1;
         }
