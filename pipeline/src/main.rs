@@ -10,6 +10,7 @@ mod init_model;
 mod inspect;
 mod preprocess;
 mod synth_data;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "overfill", version, about = "OverFill: two-stage (full-model prefill, pruned-model decode) LLMs")]
