@@ -6,6 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+# System packages the Rust build needs: protoc (TensorBoard event protos of the `tboard` crate).
+need_apt=()
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing ${need_apt[*]} (apt-get)" >&2
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "setup: please install ${need_apt[*]} (Debian/Ubuntu package names) and rerun" >&2
+        exit 1
+    fi
+fi
 stamp=.venv/.overfill-setup
 want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
 
