@@ -14,6 +14,7 @@
 pub mod conversation;
 pub mod filter;
 pub mod manifest;
+pub mod order;
 pub mod preprocess;
 pub mod reader;
 pub mod recipe;

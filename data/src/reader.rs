@@ -14,9 +14,10 @@
 //! # let _ = (val, example, calibration); Ok(()) }
 //! ```
 //!
-//! The split is loaded into memory as one flat `u32` token array (4 bytes per token: about
-//! 1.5 GB for OpenHermes-2.5, 0.9 GB for Infinity-Instruct's 212M tokens); rows are then
-//! zero-copy slices.
+//! Rows are read through a memory-mapped token cache that the first open of a split builds inside
+//! the shard folder ([`cache`]): a process's memory does not grow with the dataset, rows are
+//! zero-copy `&[u32]` slices into the map, and data-parallel ranks share one copy through the
+//! page cache. The training and evaluation orders are in [`crate::order`].
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -25,13 +26,25 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::manifest::Manifest;
-use crate::shard::read_examples;
+
+pub mod cache;
+use cache::{RowRecord, TokenCache};
 
 /// Which split to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
     Val,
+}
+
+impl Split {
+    /// `train` or `val`, as in shard and cache file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
 }
 
 /// One row of a shard folder.
@@ -67,18 +80,11 @@ impl Default for BatchSpec {
     }
 }
 
-/// One split of a preprocessed folder, in memory.
+/// One split of a preprocessed folder, memory-mapped.
 pub struct ShardDataset {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    row_ids: Vec<u64>,
-    source_index: Vec<u32>,
-    source_names: Vec<String>,
-    shuffle_keys: Vec<u64>,
-    /// Start of row i's tokens in `tokens` (context, then target); `starts[len]` is the end.
-    starts: Vec<usize>,
-    context_lens: Vec<u32>,
-    tokens: Vec<u32>,
+    cache: TokenCache,
 }
 
 impl ShardDataset {
@@ -87,6 +93,8 @@ impl ShardDataset {
         ShardDataset::open_split(dir, Split::Train)
     }
 
+    /// Map one split, building its token cache on first use (or when the shards changed).
+    /// An empty split opens with `len() == 0`.
     pub fn open_split(dir: impl AsRef<Path>, split: Split) -> Result<ShardDataset> {
         let dir = dir.as_ref().to_path_buf();
         let manifest = Manifest::load(&dir)?;
@@ -94,80 +102,68 @@ impl ShardDataset {
             Split::Train => &manifest.train,
             Split::Val => &manifest.val,
         };
-        let total_tokens = (entry.context_tokens + entry.target_tokens) as usize;
-        let rows = entry.rows as usize;
-        let mut data = ShardDataset {
-            dir: dir.clone(),
-            manifest: manifest.clone(),
-            row_ids: Vec::with_capacity(rows),
-            source_index: Vec::with_capacity(rows),
-            source_names: Vec::new(),
-            shuffle_keys: Vec::with_capacity(rows),
-            starts: Vec::with_capacity(rows + 1),
-            context_lens: Vec::with_capacity(rows),
-            tokens: Vec::with_capacity(total_tokens),
-        };
-        data.starts.push(0);
-        for shard in &entry.shards {
-            let path = dir.join(&shard.file);
-            for example in read_examples(&path).with_context(|| format!("loading shard {}", path.display()))? {
-                let source = match data.source_names.iter().position(|s| *s == example.source) {
-                    Some(i) => i,
-                    None => {
-                        data.source_names.push(example.source.clone());
-                        data.source_names.len() - 1
-                    }
-                };
-                data.row_ids.push(example.row_id);
-                data.source_index.push(source as u32);
-                data.shuffle_keys.push(example.shuffle_key);
-                data.context_lens.push(example.context_ids.len() as u32);
-                data.tokens.extend_from_slice(&example.context_ids);
-                data.tokens.extend_from_slice(&example.target_ids);
-                data.starts.push(data.tokens.len());
-            }
-        }
-        Ok(data)
+        let cache = TokenCache::open(&dir, split.name(), &manifest, entry)
+            .with_context(|| format!("opening the {} split of {}", split.name(), dir.display()))?;
+        Ok(ShardDataset { dir, manifest, cache })
     }
 
     pub fn len(&self) -> usize {
-        self.row_ids.len()
+        self.cache.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.row_ids.is_empty()
+        self.len() == 0
+    }
+
+    fn record(&self, i: usize) -> &RowRecord {
+        self.cache.record(i)
     }
 
     /// Row `i` (0-based, in shard order), or `None` past the end.
     pub fn get(&self, i: usize) -> Option<Example> {
         (i < self.len()).then(|| Example {
-            row_id: self.row_ids[i],
-            source: self.source_names[self.source_index[i] as usize].clone(),
+            row_id: self.row_id(i),
+            source: self.source(i).to_string(),
             context_ids: self.context_ids(i).to_vec(),
             target_ids: self.target_ids(i).to_vec(),
         })
     }
 
     pub fn row_id(&self, i: usize) -> u64 {
-        self.row_ids[i]
+        self.record(i).row_id
+    }
+
+    /// The `[[sources]]` name row `i` came from.
+    pub fn source(&self, i: usize) -> &str {
+        self.cache.source_names.get(self.record(i).source as usize).map(String::as_str).unwrap_or("")
     }
 
     /// Context then target tokens of row `i`, as one slice. Panics if `i >= len()`.
     pub fn ids(&self, i: usize) -> &[u32] {
-        &self.tokens[self.starts[i]..self.starts[i + 1]]
+        let r = self.record(i);
+        let start = r.token_start as usize;
+        &self.cache.tokens()[start..start + r.total_len as usize]
     }
 
     pub fn context_ids(&self, i: usize) -> &[u32] {
-        &self.tokens[self.starts[i]..self.starts[i] + self.context_lens[i] as usize]
+        &self.ids(i)[..self.context_len(i)]
     }
 
     pub fn target_ids(&self, i: usize) -> &[u32] {
-        &self.tokens[self.starts[i] + self.context_lens[i] as usize..self.starts[i + 1]]
+        &self.ids(i)[self.context_len(i)..]
     }
 
-    /// Context + target length of row `i`.
+    /// Context + target length of row `i` (read from the index, no token page touched).
     pub fn total_len(&self, i: usize) -> usize {
-        self.starts[i + 1] - self.starts[i]
+        self.record(i).total_len as usize
+    }
+
+    pub fn context_len(&self, i: usize) -> usize {
+        self.record(i).context_len as usize
+    }
+
+    pub fn target_len(&self, i: usize) -> usize {
+        self.total_len(i) - self.context_len(i)
     }
 
     /// Shuffled, length-grouped batches of row indices over the whole split (seeded).
@@ -216,7 +212,10 @@ impl ShardDataset {
     /// Rows in the seeded global shuffle order of preprocessing (by shuffle key).
     pub fn shuffled_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.len()).collect();
-        order.sort_by_key(|&i| (self.shuffle_keys[i], self.row_ids[i]));
+        order.sort_by_key(|&i| {
+            let r = self.record(i);
+            (r.shuffle_key, r.row_id)
+        });
         order
     }
 
