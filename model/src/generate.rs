@@ -6,10 +6,11 @@
 //! `greedy` uses one model for both.
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::kv_cache::KvCache;
+use crate::train::check_compatible;
 use crate::transformer::Transformer;
 
 #[derive(Debug, Clone)]
@@ -107,27 +108,16 @@ pub fn greedy(
 }
 
 /// `prefill_model` runs the prompts and fills the cache; `decode_model` produces every later
-/// token from that cache. Both must share vocabulary, layers, KV heads and head_dim.
+/// token from that cache. Both must agree on what `check_compatible` checks.
 pub fn greedy_two_stage(
     prefill_model: &Transformer,
     decode_model: &Transformer,
     prompts: &[Vec<i64>],
     options: &GenerateOptions,
 ) -> Result<GenerationOutput> {
-    let (p, d) = (&prefill_model.config, &decode_model.config);
-    if (
-        p.vocab_size,
-        p.num_hidden_layers,
-        p.num_key_value_heads,
-        p.head_dim,
-    ) != (
-        d.vocab_size,
-        d.num_hidden_layers,
-        d.num_key_value_heads,
-        d.head_dim,
-    ) {
-        bail!("the decode model's vocabulary/layers/KV heads/head_dim differ from the prefill model's: its cache cannot be shared");
-    }
+    let p = &prefill_model.config;
+    check_compatible(p, &decode_model.config)
+        .context("the decode model cannot continue from the prefill model's cache")?;
     if prefill_model.device() != decode_model.device() {
         bail!("prefill and decode models are on different devices");
     }

@@ -1,9 +1,10 @@
 //! The Llama 3.x / Qwen2.5 transformer on libtorch: configs, checkpoint IO, KV cache,
-//! forward pass, greedy generation, and (width) pruning.
+//! forward pass, greedy generation, (width) pruning, and the training loss.
 pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod kv_cache;
 pub mod prune;
+pub mod train;
 pub mod transformer;

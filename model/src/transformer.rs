@@ -3,7 +3,11 @@
 //! RMSNorm and the LM head. Numerics follow transformers' `LlamaForCausalLM` /
 //! `Qwen2ForCausalLM` (RMSNorm in f32, RoPE tables in f32).
 //!
-//! Shapes: B batch, T new tokens, S = cached + new slots, D hidden, H query heads,
+//! One layer stack serves inference and training; they differ in where attention finds keys and
+//! values besides the span's own (`KvSource`) and in the `no_grad` guard, which only the
+//! inference entry points take.
+//!
+//! Shapes: B batch, T new tokens, P past slots, S = P + T slots, D hidden, H query heads,
 //! KV key/value heads, hd head_dim, I intermediate, V vocab.
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +31,19 @@ pub enum TapPoint {
 }
 
 type Tap<'a> = Option<&'a mut dyn FnMut(usize, TapPoint, &Tensor)>;
+
+/// Where attention finds keys and values besides those of the span being run.
+enum KvSource<'a> {
+    /// Only the span itself.
+    None,
+    /// The inference cache: each layer appends the span's K/V and attends to all slots.
+    Cache(&'a mut KvCache),
+    /// Training: per layer (K, V) [B, KV, P, hd] that are only read, concatenated with the
+    /// span's own (a new tensor, so autograd flows into the span's K/V and never into past).
+    Past(&'a [(Tensor, Tensor)]),
+    /// Frozen prefill: no past; each layer's K/V after RoPE is pushed here.
+    Record(&'a mut Vec<(Tensor, Tensor)>),
+}
 
 #[derive(Debug)]
 struct Linear {
@@ -108,7 +125,7 @@ fn rope_tables(inv_freq: &Tensor, positions: &Tensor, kind: Kind) -> (Tensor, Te
     (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
 }
 
-/// x * cos + rotate_half(x) * sin, x [B, heads, T, hd].
+/// x * cos + rotate_half(x) * sin, x [B, heads, T, hd]; cos/sin in x's kind.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(3, 0, half);
@@ -136,7 +153,8 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<(&mut KvCache, usize)>,
+        layer: usize,
+        kv: &mut KvSource,
     ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         // [B, T, H*hd] -> [B, H, T, hd]
@@ -155,12 +173,30 @@ impl Attention {
             .forward(x)
             .view([b, t, self.num_kv_heads, self.head_dim])
             .transpose(1, 2);
-        let q = apply_rope(&q, cos, sin);
-        let k = apply_rope(&k, cos, sin);
+        // Under autocast q/k come out of the projections in the autocast kind, not the
+        // model's: the tables follow them (a no-op when the kinds agree, as in inference).
+        let (cos, sin) = if cos.kind() == q.kind() {
+            (cos.shallow_clone(), sin.shallow_clone())
+        } else {
+            (cos.to_kind(q.kind()), sin.to_kind(q.kind()))
+        };
+        let q = apply_rope(&q, &cos, &sin);
+        let k = apply_rope(&k, &cos, &sin);
         // [B, KV, S, hd]
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v),
-            None => (k, v),
+        let (k, v) = match kv {
+            KvSource::None => (k, v),
+            KvSource::Cache(cache) => cache.append(layer, &k, &v),
+            KvSource::Past(past) => {
+                let (past_k, past_v) = &past[layer];
+                (
+                    Tensor::cat(&[&past_k.to_kind(k.kind()), &k], 2),
+                    Tensor::cat(&[&past_v.to_kind(v.kind()), &v], 2),
+                )
+            }
+            KvSource::Record(out) => {
+                out.push((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
         };
         let gqa = self.num_heads != self.num_kv_heads;
         let out =
@@ -208,21 +244,28 @@ impl Block {
         sin: &Tensor,
         mask: &Tensor,
         layer: usize,
-        cache: Option<&mut KvCache>,
+        kv: &mut KvSource,
         tap: &mut Tap,
     ) -> Tensor {
         let normed = self.input_layernorm.forward(x);
         if let Some(tap) = tap.as_mut() {
             tap(layer, TapPoint::AttnNormOut, &normed);
         }
-        let x = x + self
-            .self_attn
-            .forward(&normed, cos, sin, mask, cache.map(|c| (c, layer)));
+        let x = x + self.self_attn.forward(&normed, cos, sin, mask, layer, kv);
         let normed = self.post_attention_layernorm.forward(&x);
         if let Some(tap) = tap.as_mut() {
             tap(layer, TapPoint::MlpNormOut, &normed);
         }
         &x + self.mlp.forward(&normed, layer, tap)
+    }
+}
+
+impl<'a> From<Option<&'a mut KvCache>> for KvSource<'a> {
+    fn from(cache: Option<&'a mut KvCache>) -> Self {
+        match cache {
+            Some(cache) => KvSource::Cache(cache),
+            None => KvSource::None,
+        }
     }
 }
 
@@ -415,7 +458,9 @@ impl Transformer {
         attention_mask: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, attention_mask, cache, None)
+        let _guard = tch::no_grad_guard();
+        let hidden = self.hidden(ids, positions, attention_mask, cache.into(), None)?;
+        Ok(self.lm_head(&hidden))
     }
 
     /// `forward` without a cache that also reports the activations of every layer at the
@@ -427,7 +472,9 @@ impl Transformer {
         attention_mask: &Tensor,
         tap: &mut dyn FnMut(usize, TapPoint, &Tensor),
     ) -> Result<Tensor> {
-        self.run(ids, positions, attention_mask, None, Some(tap))
+        let _guard = tch::no_grad_guard();
+        let hidden = self.hidden(ids, positions, attention_mask, KvSource::None, Some(tap))?;
+        Ok(self.lm_head(&hidden))
     }
 
     /// Final hidden states [B, T, D] (after the last norm), without the LM head.
@@ -438,24 +485,63 @@ impl Transformer {
         attention_mask: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.hidden(ids, positions, attention_mask, cache, None)
+        let _guard = tch::no_grad_guard();
+        self.hidden(ids, positions, attention_mask, cache.into(), None)
+    }
+
+    /// Logits [B, T, V] with autograd on (training). ids/positions [B, T] i64;
+    /// attention_mask [B, P + T]; `past`: per layer (K, V) [B, KV, P, hd] (e.g. another model's
+    /// `prefill_kv`), only read: the span attends to them first, then causally to itself.
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        past: Option<&[(Tensor, Tensor)]>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_train_hidden(ids, positions, attention_mask, past)?;
+        Ok(self.lm_head(&hidden))
+    }
+
+    /// `forward_train` without the LM head: final hidden states [B, T, D].
+    pub fn forward_train_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        past: Option<&[(Tensor, Tensor)]>,
+    ) -> Result<Tensor> {
+        let kv = match past {
+            Some(past) => KvSource::Past(past),
+            None => KvSource::None,
+        };
+        self.hidden(ids, positions, attention_mask, kv, None)
+    }
+
+    /// The frozen prefill (no grad): per layer (K, V) after RoPE, each [B, KV, T, hd] in the
+    /// model's dtype, for another model's `forward_train`. Inputs as in `forward`.
+    pub fn prefill_kv(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let _guard = tch::no_grad_guard();
+        let mut kv = Vec::with_capacity(self.layers.len());
+        // Only the recorded K/V are wanted; the final norm's output is cheap to drop.
+        let _hidden = self.hidden(
+            ids,
+            positions,
+            attention_mask,
+            KvSource::Record(&mut kv),
+            None,
+        )?;
+        Ok(kv)
     }
 
     /// The LM head: hidden [.., D] -> logits [.., V].
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
         hidden.linear::<&Tensor>(&self.lm_head, None)
-    }
-
-    fn run(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        attention_mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        tap: Tap,
-    ) -> Result<Tensor> {
-        let hidden = self.hidden(ids, positions, attention_mask, cache, tap)?;
-        Ok(self.lm_head(&hidden))
     }
 
     /// Checks the inputs so that the tensor ops below cannot fail on user data.
@@ -464,7 +550,7 @@ impl Transformer {
         ids: &Tensor,
         positions: &Tensor,
         attention_mask: &Tensor,
-        cache: Option<&KvCache>,
+        kv: &KvSource,
     ) -> Result<(i64, i64, i64)> {
         let ids_size = ids.size();
         if ids_size.len() != 2 || ids_size[1] == 0 {
@@ -484,8 +570,8 @@ impl Transformer {
                 positions.size()
             );
         }
-        let past = match cache {
-            Some(c) => {
+        let past = match kv {
+            KvSource::Cache(c) => {
                 if c.num_layers() != self.layers.len() {
                     bail!(
                         "KV cache has {} layers, the model {}",
@@ -500,7 +586,8 @@ impl Transformer {
                 }
                 c.len() as i64
             }
-            None => 0,
+            KvSource::Past(past) => self.check_past(past, b)?,
+            KvSource::None | KvSource::Record(_) => 0,
         };
         if attention_mask.size() != [b, past + t] {
             bail!(
@@ -527,16 +614,50 @@ impl Transformer {
         Ok((b, t, past))
     }
 
+    /// Past K/V for `forward_train`: one (K, V) per layer, all [B, KV, P, hd] with one P.
+    fn check_past(&self, past: &[(Tensor, Tensor)], batch: i64) -> Result<i64> {
+        if past.len() != self.layers.len() {
+            bail!(
+                "past K/V has {} layers, the model {}",
+                past.len(),
+                self.layers.len()
+            );
+        }
+        let slots = past[0].0.size().get(2).copied().unwrap_or(0);
+        let expected = [
+            batch,
+            self.config.num_key_value_heads as i64,
+            slots,
+            self.config.head_dim as i64,
+        ];
+        for (i, (k, v)) in past.iter().enumerate() {
+            if k.size() != expected || v.size() != expected {
+                bail!(
+                    "past K/V of layer {i}: K {:?} and V {:?} must both be [batch, kv_heads, slots, head_dim] = {expected:?}",
+                    k.size(),
+                    v.size()
+                );
+            }
+            if k.device() != self.device() || v.device() != self.device() {
+                bail!(
+                    "past K/V of layer {i} must be on the model's device {:?}",
+                    self.device()
+                );
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The layer stack: final hidden states [B, T, D]. Autograd follows the caller's mode.
     fn hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         attention_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        mut kv: KvSource,
         mut tap: Tap,
     ) -> Result<Tensor> {
-        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, cache.as_deref())?;
-        let _guard = tch::no_grad_guard();
+        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, &kv)?;
         let device = self.device();
         // mask [B, 1, T, S]: query i (slot past+i) sees real slots j <= past+i, and always
         // itself, so that padding queries stay finite (their outputs are never used).
@@ -549,14 +670,14 @@ impl Transformer {
         let mask = real.logical_and(&causal).logical_or(&diagonal);
 
         let (cos, sin) = rope_tables(&self.inv_freq, positions, self.kind());
-        if let Some(c) = cache.as_deref_mut() {
+        if let KvSource::Cache(c) = &mut kv {
             c.set_attention_mask(&attention_mask.to_kind(Kind::Int64));
         }
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         for (i, block) in self.layers.iter().enumerate() {
-            x = block.forward(&x, &cos, &sin, &mask, i, cache.as_deref_mut(), &mut tap);
+            x = block.forward(&x, &cos, &sin, &mask, i, &mut kv, &mut tap);
         }
-        if let Some(c) = cache {
+        if let KvSource::Cache(c) = kv {
             c.advance(t as usize);
         }
         Ok(self.norm.forward(&x))

@@ -1,0 +1,315 @@
+//! What one training step computes on the model side: the (context, target) batch as tensors,
+//! the full model / decoder compatibility check, the summed token cross-entropy of the three
+//! training modes, and the trainable model's parameters.
+//!
+//! OverFill: the frozen full model prefills the context x (no grad) and its per-layer K/V are
+//! handed to the decoder, which runs over y0..y(N-1) at positions |x|..|x|+N-1 and is scored on
+//! y1..yN. The Pruned/SFT baselines run one trainable model over x ‖ y0..y(N-1) and are scored on
+//! the same tokens, so the losses of all modes compare.
+//!
+//! Shapes: B rows, Tc context width (left-padded), N target width (right-padded), D hidden,
+//! V vocab, M predicted tokens in the batch.
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::config::ModelConfig;
+use crate::transformer::Transformer;
+
+/// Label of a position that predicts nothing (padding); the value transformers uses.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Token id written into padding slots (never attended to, never scored).
+const PAD_ID: i64 = 0;
+
+/// (context, target) rows as tensors. Context left-padded, target right-padded (pad id 0).
+#[derive(Debug)]
+pub struct TrainBatch {
+    /// [B, Tc] i64
+    pub context_ids: Tensor,
+    /// [B, Tc] i64, 1 = real token
+    pub context_mask: Tensor,
+    /// [B, Tc] i64, cumsum(mask) - 1, padding clamped to 0
+    pub context_positions: Tensor,
+    /// [B, N] i64: y0..y(N-1) of each row, right-padded
+    pub target_inputs: Tensor,
+    /// [B, N] i64
+    pub target_mask: Tensor,
+    /// [B, N] i64: |x_row| + j
+    pub target_positions: Tensor,
+    /// [B, N] i64: y1..yN, IGNORE_INDEX on padding
+    pub labels: Tensor,
+    /// labels != IGNORE_INDEX, counted on the host
+    pub predicted_tokens: i64,
+}
+
+impl TrainBatch {
+    /// rows: (context ids, target ids y0..yN). Errors: no rows, an empty context, an empty
+    /// target. A target of one token (only y0) predicts nothing; allowed (its row is padding).
+    pub fn from_rows(rows: &[(&[u32], &[u32])], device: Device) -> Result<TrainBatch> {
+        if rows.is_empty() {
+            bail!("a training batch needs at least one row");
+        }
+        for (i, (context, target)) in rows.iter().enumerate() {
+            if context.is_empty() {
+                bail!("row {i} of the batch has an empty context");
+            }
+            if target.is_empty() {
+                bail!("row {i} of the batch has an empty target");
+            }
+        }
+        let b = rows.len();
+        let tc = rows.iter().map(|(c, _)| c.len()).max().unwrap_or(1);
+        // At least one column, so that a batch of one-token targets still has a span to run.
+        let n = rows
+            .iter()
+            .map(|(_, t)| t.len() - 1)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+
+        let mut context_ids = vec![PAD_ID; b * tc];
+        let mut context_mask = vec![0i64; b * tc];
+        let mut context_positions = vec![0i64; b * tc];
+        let mut target_inputs = vec![PAD_ID; b * n];
+        let mut target_mask = vec![0i64; b * n];
+        let mut target_positions = vec![0i64; b * n];
+        let mut labels = vec![IGNORE_INDEX; b * n];
+        let mut predicted_tokens = 0i64;
+        for (row, (context, target)) in rows.iter().enumerate() {
+            let start = row * tc + tc - context.len();
+            for (j, &id) in context.iter().enumerate() {
+                context_ids[start + j] = id as i64;
+                context_mask[start + j] = 1;
+                context_positions[start + j] = j as i64;
+            }
+            let start = row * n;
+            for j in 0..target.len() - 1 {
+                target_inputs[start + j] = target[j] as i64;
+                target_mask[start + j] = 1;
+                labels[start + j] = target[j + 1] as i64;
+            }
+            for j in 0..n {
+                target_positions[start + j] = (context.len() + j) as i64;
+            }
+            predicted_tokens += target.len() as i64 - 1;
+        }
+        let tensor = |values: &[i64], width: usize| {
+            Tensor::from_slice(values)
+                .view([b as i64, width as i64])
+                .to_device(device)
+        };
+        Ok(TrainBatch {
+            context_ids: tensor(&context_ids, tc),
+            context_mask: tensor(&context_mask, tc),
+            context_positions: tensor(&context_positions, tc),
+            target_inputs: tensor(&target_inputs, n),
+            target_mask: tensor(&target_mask, n),
+            target_positions: tensor(&target_positions, n),
+            labels: tensor(&labels, n),
+            predicted_tokens,
+        })
+    }
+
+    pub fn to_device(&self, device: Device) -> TrainBatch {
+        TrainBatch {
+            context_ids: self.context_ids.to_device(device),
+            context_mask: self.context_mask.to_device(device),
+            context_positions: self.context_positions.to_device(device),
+            target_inputs: self.target_inputs.to_device(device),
+            target_mask: self.target_mask.to_device(device),
+            target_positions: self.target_positions.to_device(device),
+            labels: self.labels.to_device(device),
+            predicted_tokens: self.predicted_tokens,
+        }
+    }
+
+    pub fn rows(&self) -> i64 {
+        self.context_ids.size()[0]
+    }
+}
+
+/// Refuses a decoder that cannot read the full model's cache: layers, attention heads, KV heads,
+/// head_dim, rope settings (theta and scaling) and vocabulary must agree. The error lists every
+/// field that differs with both values.
+pub fn check_compatible(full: &ModelConfig, decoder: &ModelConfig) -> Result<()> {
+    let fields: [(&str, String, String); 7] = [
+        (
+            "num_hidden_layers",
+            full.num_hidden_layers.to_string(),
+            decoder.num_hidden_layers.to_string(),
+        ),
+        (
+            "num_attention_heads",
+            full.num_attention_heads.to_string(),
+            decoder.num_attention_heads.to_string(),
+        ),
+        (
+            "num_key_value_heads",
+            full.num_key_value_heads.to_string(),
+            decoder.num_key_value_heads.to_string(),
+        ),
+        (
+            "head_dim",
+            full.head_dim.to_string(),
+            decoder.head_dim.to_string(),
+        ),
+        (
+            "rope_theta",
+            full.rope_theta.to_string(),
+            decoder.rope_theta.to_string(),
+        ),
+        (
+            "rope_scaling",
+            format!("{:?}", full.rope_scaling),
+            format!("{:?}", decoder.rope_scaling),
+        ),
+        (
+            "vocab_size",
+            full.vocab_size.to_string(),
+            decoder.vocab_size.to_string(),
+        ),
+    ];
+    let mismatches: Vec<String> = fields
+        .iter()
+        .filter(|(_, f, d)| f != d)
+        .map(|(name, f, d)| format!("{name}: full model {f}, decoder {d}"))
+        .collect();
+    if !mismatches.is_empty() {
+        bail!(
+            "the decoder cannot read the full model's KV cache: {}",
+            mismatches.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Sum (f32 scalar, differentiable w.r.t. the decoder's parameters) of the token cross-entropies
+/// over the batch's labels.
+///
+/// `full = Some(frozen model)`: OverFill — the full model prefills the context without grad,
+/// the decoder runs over target_inputs at target_positions attending to that K/V (read-only) and
+/// causally to its own. `full = None`: the Pruned/SFT baselines — the decoder runs over
+/// context ‖ target_inputs in one pass and only the target positions go through the LM head.
+/// Both score exactly the tokens y1..yN. Divide by the step's predicted tokens for the loss.
+pub fn loss_sum(
+    decoder: &Transformer,
+    full: Option<&Transformer>,
+    batch: &TrainBatch,
+) -> Result<Tensor> {
+    let device = decoder.device();
+    if batch.context_ids.device() != device {
+        bail!(
+            "the batch is on {:?}, the decoder on {device:?}",
+            batch.context_ids.device()
+        );
+    }
+    let vocab = decoder.config.vocab_size as i64;
+    let max_label = batch.labels.max().int64_value(&[]);
+    if max_label >= vocab {
+        bail!("label id {max_label} is outside the decoder's vocabulary of {vocab}");
+    }
+    // [B, N, D]
+    let hidden = match full {
+        Some(full) => {
+            check_compatible(&full.config, &decoder.config)?;
+            if full.device() != device {
+                bail!(
+                    "the full model is on {:?}, the decoder on {device:?}",
+                    full.device()
+                );
+            }
+            let past = full
+                .prefill_kv(
+                    &batch.context_ids,
+                    &batch.context_positions,
+                    &batch.context_mask,
+                )
+                .context("full-model prefill of the context")?;
+            let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
+            decoder
+                .forward_train_hidden(
+                    &batch.target_inputs,
+                    &batch.target_positions,
+                    &mask,
+                    Some(&past),
+                )
+                .context("decoder forward over the target")?
+        }
+        None => {
+            let ids = Tensor::cat(&[&batch.context_ids, &batch.target_inputs], 1);
+            let positions = Tensor::cat(&[&batch.context_positions, &batch.target_positions], 1);
+            let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
+            let context_width = batch.context_ids.size()[1];
+            let target_width = batch.target_inputs.size()[1];
+            decoder
+                .forward_train_hidden(&ids, &positions, &mask, None)
+                .context("forward over context and target")?
+                .narrow(1, context_width, target_width)
+        }
+    };
+    // Only the M scored positions go through the LM head: padding costs no [.., V] logits.
+    let d = hidden.size()[2];
+    let labels = batch.labels.view([-1]);
+    let scored = labels.ne(IGNORE_INDEX).nonzero().view([-1]); // [M]
+    let hidden = hidden.reshape([-1, d]).index_select(0, &scored); // [M, D]
+    let logits = decoder.lm_head(&hidden).to_kind(Kind::Float); // [M, V]
+    let loss = logits.log_softmax(-1, Kind::Float).f_nll_loss::<&Tensor>(
+        &labels.index_select(0, &scored),
+        None,
+        Reduction::Sum,
+        IGNORE_INDEX,
+    )?;
+    Ok(loss)
+}
+
+/// The trainable model's parameter handles.
+impl Transformer {
+    /// requires_grad on every parameter (tied embeddings stay one tensor).
+    pub fn set_requires_grad(&self, on: bool) {
+        for (_, p) in self.tensors() {
+            // The handles share the model's tensors, so this flags the model's own.
+            let _ = p.set_requires_grad(on);
+        }
+    }
+
+    /// Parameters by HF name, handles that share storage and autograd identity with the model
+    /// (so `p.grad()` is the model's gradient); `lm_head.weight` only when untied.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.tensors().into_iter().collect()
+    }
+
+    /// Overwrites parameter values in place (no grad) from HF-named tensors of the same shapes,
+    /// casting to the model's dtype and device: the trainer's f32 master weights into the
+    /// compute copy, and resume. Every parameter must be given; `lm_head.weight` of a tied
+    /// model is ignored (as when loading); any other unknown name is an error.
+    pub fn copy_parameters_from(&self, values: &BTreeMap<String, Tensor>) -> Result<()> {
+        let params = self.tensors();
+        for (name, p) in &params {
+            let value = values
+                .get(name)
+                .with_context(|| format!("no value for parameter {name}"))?;
+            if value.size() != p.size() {
+                bail!(
+                    "value for {name} has shape {:?}, the parameter {:?}",
+                    value.size(),
+                    p.size()
+                );
+            }
+        }
+        if let Some(extra) = values.keys().find(|n| {
+            !params.contains_key(*n)
+                && !(self.config.tie_word_embeddings && n.as_str() == "lm_head.weight")
+        }) {
+            bail!("value for {extra}, which is not a parameter of this model");
+        }
+        let _guard = tch::no_grad_guard();
+        for (name, p) in &params {
+            let mut p = p.shallow_clone();
+            p.f_copy_(&values[name])
+                .with_context(|| format!("copying parameter {name}"))?;
+        }
+        Ok(())
+    }
+}
