@@ -33,6 +33,9 @@ enum Command {
     Generate(generate::Args),
     /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
     InitModel(init_model::Args),
+    /// Test helper: write made-up training scalars to a TensorBoard event file.
+    #[command(hide = true)]
+    DebugWriteEvents(train::events::DebugWriteEventsArgs),
 }
 
 fn main() -> Result<()> {
@@ -44,5 +47,6 @@ fn main() -> Result<()> {
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
+        Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
     }
 }
