@@ -34,6 +34,8 @@ const MAGIC: [u8; 8] = *b"OVFTOKIX";
 const CACHE_VERSION: u32 = 1;
 const HEADER_BYTES: usize = std::mem::size_of::<Header>();
 const RECORD_BYTES: usize = std::mem::size_of::<RowRecord>();
+// The on-disk layout: records stay 8-byte aligned after the header.
+const _: () = assert!(HEADER_BYTES == 64 && RECORD_BYTES == 40);
 
 /// Start of the index file.
 #[repr(C)]
@@ -141,6 +143,10 @@ impl TokenCache {
         self.rows
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
     pub fn records(&self) -> &[RowRecord] {
         bytemuck::cast_slice(&self.index[HEADER_BYTES..HEADER_BYTES + self.rows * RECORD_BYTES])
     }
@@ -200,11 +206,13 @@ fn fingerprint(dir: &Path, split_name: &str, manifest: &Manifest, entry: &SplitE
     Ok(hash.finalize().into())
 }
 
-/// `path` + `.tmp-PID-NANOS`: unique per process, so concurrent builders never share a file.
+/// `path` + `.tmp-PID-N`: unique per process and call, so concurrent builders (ranks, threads)
+/// never share a file.
 fn unique_tmp(path: &Path) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}-{nanos}", std::process::id()));
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
     path.with_file_name(name)
 }
 
