@@ -405,6 +405,8 @@ pub fn save_checkpoint(
             Kind::Double => "float64",
             _ => "float32",
         };
+        // transformers before 4.56 reads only `torch_dtype`, later ones prefer `dtype`: write
+        // the first always and the second when the source had it, always with the same value.
         map.insert("torch_dtype".to_string(), json!(name));
         if map.contains_key("dtype") {
             map.insert("dtype".to_string(), json!(name));
@@ -413,6 +415,11 @@ pub fn save_checkpoint(
     let config_text = serde_json::to_string_pretty(&config_json)?;
     std::fs::write(tmp.join("config.json"), config_text + "\n")
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    // The safetensors writer goes through a private (0600) temporary file; weight files get the
+    // mode an ordinary new file gets (0666 modulo the umask), which config.json just got.
+    let file_permissions = std::fs::metadata(tmp.join("config.json"))
+        .with_context(|| format!("cannot stat {}", tmp.join("config.json").display()))?
+        .permissions();
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (i, names) in shards.iter().enumerate() {
@@ -432,6 +439,8 @@ pub fn save_checkpoint(
             &path,
         )
         .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, file_permissions.clone())
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
         for name in names {
             weight_map.insert(name.to_string(), json!(file));
         }
@@ -477,6 +486,34 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f16" | "float16" | "half" => Kind::Half,
         other => bail!("unsupported dtype {other:?} (use f32, bf16 or f16)"),
     })
+}
+
+/// Copies a file's bytes into a new file with an ordinary new file's mode (0666 modulo the
+/// umask). `std::fs::copy` would copy the mode too, so a read-only source (a read-only model
+/// folder or fixture) would give a read-only copy that the next run cannot replace.
+pub fn copy_file_contents(from: &Path, to: &Path) -> Result<()> {
+    let mut src =
+        std::fs::File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
+    if to.exists() {
+        std::fs::remove_file(to).with_context(|| format!("cannot replace {}", to.display()))?;
+    }
+    let mut dst =
+        std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+    std::io::copy(&mut src, &mut dst)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// The canonical name of a compute dtype ("f32", "bf16", "f16"), as `parse_dtype` reads it:
+/// what commands echo, whatever spelling the user typed.
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "f32",
+        Kind::BFloat16 => "bf16",
+        Kind::Half => "f16",
+        Kind::Double => "f64",
+        _ => "other",
+    }
 }
 
 /// "cpu" | "cuda" | "cuda:N"; CUDA devices must exist.

@@ -1,9 +1,47 @@
 //! `config.json` of a Hugging Face Llama 3.x / Qwen2.5 checkpoint, and the tensor names and
 //! shapes it implies (the shape-only path: no weights are touched).
+//!
+//! Two spellings of RoPE occur in the wild: transformers 4.x and the hub's original files write
+//! `rope_theta` + `rope_scaling`, transformers 5.x writes one `rope_parameters` object. Both are
+//! read; a config holding both must agree with itself; a saved config keeps its source's spelling.
+//!
+//! Every key of the real Llama 3.x and Qwen2.5 configs is decided below. A setting that would
+//! change the numerics and that this crate does not implement is an error naming the key; it is
+//! never ignored. (transformers 4.57.6 is the reference for what a key does.)
+//!
+//! | key | decision |
+//! |---|---|
+//! | `model_type` | read: `llama` or `qwen2`; anything else is an error |
+//! | `architectures` | checked: when present it must name `LlamaForCausalLM` / `Qwen2ForCausalLM` (another head, e.g. `...ForSequenceClassification`, is an error) |
+//! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads` | read, required |
+//! | `num_key_value_heads` | read (default: `num_attention_heads`) |
+//! | `head_dim` | read (default: hidden / heads); always written back, pruning breaks the default |
+//! | `hidden_act` | read: only `silu`; anything else is an error |
+//! | `rms_norm_eps` | read (default 1e-6, transformers' default for both) |
+//! | `rope_theta`, `rope_scaling` | read (4.x spelling); `rope_type` (or the older `type`) `default` or `llama3`; `linear`, `dynamic`, `yarn`, `longrope`, ... are an error |
+//! | `rope_parameters` | read (5.x spelling), same rope types; disagreeing with `rope_theta` / `rope_scaling` is an error |
+//! | `partial_rotary_factor` (top level or in the rope object) | 1.0 accepted; anything else rotates part of each head: error |
+//! | `tie_word_embeddings` | read |
+//! | `attention_bias` | llama: `true` (bias on q/k/v/o) is an error; qwen2 always has q/k/v biases (transformers' Qwen2 ignores the key), so `false` contradicts the architecture: error |
+//! | `mlp_bias` | `true` is an error (no MLP biases are loaded) |
+//! | `attention_dropout` | 0 accepted; > 0 is an error (dropout is not implemented, it would change training numerics) |
+//! | `pretraining_tp` | accepted, any value: transformers 4.57's Llama no longer reads it (it only split matmuls) |
+//! | `use_sliding_window` | `true` is an error (sliding-window attention is not implemented) |
+//! | `sliding_window`, `max_window_layers` | accepted: they matter only with `use_sliding_window` (transformers sets `sliding_window` to None without it) |
+//! | `layer_types` | every entry must be `full_attention`; any other is an error |
+//! | `max_position_embeddings` | read (default 2048 llama / 32768 qwen2); `generate` warns past it |
+//! | `bos_token_id`, `eos_token_id` | read (`generation_config.json` overrides them, as in transformers) |
+//! | `pad_token_id` | accepted, not used (generation pads with eos) |
+//! | `initializer_range` | accepted, not used (only initialisation; `init-model --std` is explicit) |
+//! | `use_cache` | accepted: no numerical effect |
+//! | `dtype` / `torch_dtype` | accepted: the storage dtype; the compute dtype is a command option; rewritten on save |
+//! | `transformers_version`, `_name_or_path` | accepted: informational |
+//! | `quantization_config` | error: quantized weights are not implemented |
+//! | any other key | kept and written back, reported by `unread_keys` so commands can warn |
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// The architectures this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +67,7 @@ impl ModelType {
     }
 }
 
-/// `rope_scaling` of config.json. `None` is both a missing/null entry and `rope_type: "default"`.
+/// The RoPE frequency scaling. `None` is a missing/null `rope_scaling` and `rope_type: "default"`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
     None,
@@ -40,6 +78,17 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+}
+
+/// Where config.json keeps the RoPE settings; a saved config keeps its source's spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeFormat {
+    /// `rope_theta` + `rope_scaling` (transformers 4.x, the hub's original files).
+    ThetaAndScaling,
+    /// One `rope_parameters` object (transformers 5.x).
+    Parameters,
+    /// Both spellings, checked to agree.
+    Both,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +106,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// The spelling `rope_theta` / `rope_scaling` are written back in.
+    pub rope_format: RopeFormat,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (always for qwen2).
     pub attention_bias: bool,
@@ -66,6 +117,45 @@ pub struct ModelConfig {
     /// The original config.json, kept to write back keys this crate does not model.
     pub raw: Value,
 }
+
+/// Keys of the table above that are read, checked or deliberately accepted; anything else is
+/// reported by `ModelConfig::unread_keys`.
+const DECIDED_KEYS: &[&str] = &[
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "pretraining_tp",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "use_cache",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "_name_or_path",
+];
 
 fn get_usize(raw: &Value, key: &str) -> Result<Option<usize>> {
     match raw.get(key) {
@@ -123,40 +213,245 @@ pub(crate) fn parse_token_ids(value: Option<&Value>, key: &str) -> Result<Vec<i6
     }
 }
 
-fn parse_rope_scaling(raw: &Value) -> Result<RopeScaling> {
-    let scaling = match raw.get("rope_scaling") {
-        None | Some(Value::Null) => return Ok(RopeScaling::None),
-        Some(v) => v,
+/// The RoPE settings of one spelling: theta when it names one, and the scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RopeSettings {
+    theta: Option<f64>,
+    scaling: RopeScaling,
+}
+
+/// Reads a rope object (`rope_scaling` or `rope_parameters`, named `key` in messages). Keys the
+/// rope type does not use are an error: they would mean a setting that is silently dropped.
+fn parse_rope_object(obj: &Map<String, Value>, key: &str) -> Result<RopeSettings> {
+    let as_value = Value::Object(obj.clone());
+    let type_of = |k: &str| -> Result<Option<&str>> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(v) => bail!("config key \"{key}.{k}\" must be a string, got {v}"),
+        }
     };
     // transformers accepts both `rope_type` and the older `type`.
-    let rope_type = scaling
-        .get("rope_type")
-        .or_else(|| scaling.get("type"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("rope_scaling has no \"rope_type\": {scaling}"))?;
-    match rope_type {
-        "default" => Ok(RopeScaling::None),
-        "llama3" => {
-            let num = |key: &str| -> Result<f64> {
-                get_f64(scaling, key)?.ok_or_else(|| anyhow!("rope_scaling (llama3) is missing {key:?}"))
-            };
-            let original = get_usize(scaling, "original_max_position_embeddings")?
-                .ok_or_else(|| anyhow!("rope_scaling (llama3) is missing \"original_max_position_embeddings\""))?;
-            let scaling = RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: original,
-            };
-            if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, factor, .. } = scaling {
-                if high_freq_factor <= low_freq_factor || factor <= 0.0 {
-                    bail!("rope_scaling (llama3) needs factor > 0 and high_freq_factor > low_freq_factor");
-                }
-            }
-            Ok(scaling)
+    let rope_type = match (type_of("rope_type")?, type_of("type")?) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("config keys \"{key}.rope_type\" ({a:?}) and \"{key}.type\" ({b:?}) disagree")
         }
-        other => bail!("unsupported rope_type {other:?} in rope_scaling (supported: none, \"default\", \"llama3\")"),
+        (Some(a), _) | (None, Some(a)) => a,
+        // transformers 5 always writes rope_type; a bare rope_parameters means the default.
+        (None, None) if key == "rope_parameters" => "default",
+        (None, None) => bail!("{key} has no \"rope_type\": {as_value}"),
+    };
+    let num = |k: &str| -> Result<Option<f64>> {
+        get_f64(&as_value, k).with_context(|| format!("in {key}"))
+    };
+    let theta = num("rope_theta")?;
+    if let Some(theta) = theta {
+        if !(theta > 0.0 && theta.is_finite()) {
+            bail!("config key \"{key}.rope_theta\" must be a positive number, got {theta}");
+        }
     }
+    if let Some(f) = num("partial_rotary_factor")? {
+        if f != 1.0 {
+            bail!("unsupported: \"{key}.partial_rotary_factor\" = {f} (RoPE on part of each head is not implemented)");
+        }
+    }
+    let mut used = vec!["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "llama3" => {
+            let required = |k: &str| -> Result<f64> {
+                num(k)?.ok_or_else(|| anyhow!("{key} (llama3) is missing {k:?}"))
+            };
+            let original = get_usize(&as_value, "original_max_position_embeddings")
+                .with_context(|| format!("in {key}"))?
+                .ok_or_else(|| {
+                    anyhow!("{key} (llama3) is missing \"original_max_position_embeddings\"")
+                })?;
+            let (factor, low_freq_factor, high_freq_factor) = (
+                required("factor")?,
+                required("low_freq_factor")?,
+                required("high_freq_factor")?,
+            );
+            if high_freq_factor <= low_freq_factor || factor <= 0.0 || original == 0 {
+                bail!("{key} (llama3) needs factor > 0, high_freq_factor > low_freq_factor and original_max_position_embeddings > 0");
+            }
+            used.extend([
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ]);
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            }
+        }
+        other => bail!(
+            "unsupported rope_type {other:?} in config key \"{key}.rope_type\" (supported: \"default\", \"llama3\")"
+        ),
+    };
+    if let Some(extra) = obj.keys().find(|k| !used.contains(&k.as_str())) {
+        bail!(
+            "unsupported: config key \"{key}.{extra}\" is not used by rope_type {rope_type:?} (its meaning would be dropped)"
+        );
+    }
+    Ok(RopeSettings { theta, scaling })
+}
+
+/// theta, scaling and spelling of a whole config. transformers' default theta is 10000.
+fn parse_rope(raw: &Value) -> Result<(f64, RopeScaling, RopeFormat)> {
+    let top_theta = get_f64(raw, "rope_theta")?;
+    if let Some(theta) = top_theta {
+        if !(theta > 0.0 && theta.is_finite()) {
+            bail!("config key \"rope_theta\" must be a positive number, got {theta}");
+        }
+    }
+    let legacy_scaling = match raw.get("rope_scaling") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(obj)) => Some(parse_rope_object(obj, "rope_scaling")?),
+        Some(v) => bail!("config key \"rope_scaling\" must be an object or null, got {v}"),
+    };
+    let has_legacy = raw.get("rope_theta").is_some() || raw.get("rope_scaling").is_some();
+    let legacy = RopeSettings {
+        theta: match (top_theta, legacy_scaling.and_then(|s| s.theta)) {
+            (Some(a), Some(b)) if a != b => bail!(
+                "config keys \"rope_theta\" ({a}) and \"rope_scaling.rope_theta\" ({b}) disagree"
+            ),
+            (a, b) => a.or(b),
+        },
+        scaling: legacy_scaling.map_or(RopeScaling::None, |s| s.scaling),
+    };
+    let parameters = match raw.get("rope_parameters") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(obj)) => {
+            if obj.values().any(Value::is_object) {
+                bail!("unsupported: config key \"rope_parameters\" holds one rope object per layer type; only one shared rope is implemented");
+            }
+            Some(parse_rope_object(obj, "rope_parameters")?)
+        }
+        Some(v) => bail!("config key \"rope_parameters\" must be an object or null, got {v}"),
+    };
+    const DEFAULT_THETA: f64 = 10000.0;
+    Ok(match parameters {
+        None => (
+            legacy.theta.unwrap_or(DEFAULT_THETA),
+            legacy.scaling,
+            RopeFormat::ThetaAndScaling,
+        ),
+        Some(params) if !has_legacy => (
+            params.theta.unwrap_or(DEFAULT_THETA),
+            params.scaling,
+            RopeFormat::Parameters,
+        ),
+        Some(params) => {
+            let theta_disagrees = matches!((legacy.theta, params.theta), (Some(a), Some(b)) if a != b);
+            // A present `rope_scaling` key (null included) states the scaling.
+            let scaling_disagrees =
+                raw.get("rope_scaling").is_some() && legacy.scaling != params.scaling;
+            if theta_disagrees || scaling_disagrees {
+                bail!(
+                    "config has both \"rope_theta\"/\"rope_scaling\" (transformers 4.x) and \"rope_parameters\" (5.x), and they disagree: \
+                     rope_theta {} with rope_scaling {} vs rope_parameters {}; remove the wrong one",
+                    raw.get("rope_theta").unwrap_or(&Value::Null),
+                    raw.get("rope_scaling").unwrap_or(&Value::Null),
+                    raw.get("rope_parameters").unwrap_or(&Value::Null),
+                );
+            }
+            (
+                params.theta.or(legacy.theta).unwrap_or(DEFAULT_THETA),
+                params.scaling,
+                RopeFormat::Both,
+            )
+        }
+    })
+}
+
+/// The rope object of `scaling` with `theta` for `rope_parameters` (`with_theta`) or
+/// `rope_scaling` (null when there is no scaling).
+fn rope_object(theta: f64, scaling: RopeScaling, with_theta: bool) -> Value {
+    let mut obj = match scaling {
+        RopeScaling::None if !with_theta => return Value::Null,
+        RopeScaling::None => json!({ "rope_type": "default" }),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    };
+    if with_theta {
+        obj["rope_theta"] = json!(theta);
+    }
+    obj
+}
+
+/// Checks the keys that would change the numerics if they were honoured (see the table above).
+fn check_unimplemented_settings(raw: &Value, model_type: ModelType) -> Result<()> {
+    if let Some(archs) = raw.get("architectures").filter(|v| !v.is_null()) {
+        let names: Vec<&str> = archs
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !names.contains(&model_type.hf_architecture()) {
+            bail!(
+                "unsupported: config key \"architectures\" is {archs}, expected [\"{}\"] for model_type {:?}",
+                model_type.hf_architecture(),
+                model_type.as_str()
+            );
+        }
+    }
+    match raw.get("hidden_act") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(act)) if act == "silu" => {}
+        Some(other) => bail!("unsupported hidden_act {other} in config key \"hidden_act\" (only \"silu\")"),
+    }
+    match (model_type, get_bool(raw, "attention_bias")?) {
+        // Llama's attention_bias also puts a bias on o_proj; no released Llama 3 uses it.
+        (ModelType::Llama, Some(true)) => {
+            bail!("unsupported: config key \"attention_bias\" = true for llama (biases on q/k/v/o)")
+        }
+        (ModelType::Qwen2, Some(false)) => bail!(
+            "unsupported: config key \"attention_bias\" = false for qwen2 (Qwen2 always has q/k/v biases)"
+        ),
+        _ => {}
+    }
+    if get_bool(raw, "mlp_bias")?.unwrap_or(false) {
+        bail!("unsupported: config key \"mlp_bias\" = true (MLP biases are not implemented)");
+    }
+    if let Some(p) = get_f64(raw, "attention_dropout")? {
+        if p != 0.0 {
+            bail!("unsupported: config key \"attention_dropout\" = {p} (attention dropout is not implemented; set it to 0.0)");
+        }
+    }
+    if get_bool(raw, "use_sliding_window")?.unwrap_or(false) {
+        bail!("unsupported: config key \"use_sliding_window\" = true (sliding-window attention is not implemented)");
+    }
+    match raw.get("layer_types") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(types)) => {
+            if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+                bail!("unsupported: config key \"layer_types\" has {t} (only \"full_attention\" is implemented)");
+            }
+        }
+        Some(v) => bail!("config key \"layer_types\" must be a list, got {v}"),
+    }
+    if let Some(f) = get_f64(raw, "partial_rotary_factor")? {
+        if f != 1.0 {
+            bail!("unsupported: config key \"partial_rotary_factor\" = {f} (RoPE on part of each head is not implemented)");
+        }
+    }
+    if raw.get("quantization_config").is_some_and(|v| !v.is_null()) {
+        bail!("unsupported: config key \"quantization_config\" (quantized checkpoints are not implemented)");
+    }
+    Ok(())
 }
 
 impl ModelConfig {
@@ -180,28 +475,8 @@ impl ModelConfig {
             }
             None => bail!("config has no \"model_type\" (supported: \"llama\", \"qwen2\")"),
         };
-        if let Some(act) = raw.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                bail!("unsupported hidden_act {act:?} (only \"silu\")");
-            }
-        }
-        let attention_bias = match model_type {
-            ModelType::Qwen2 => true,
-            ModelType::Llama => {
-                // Llama's attention_bias also puts a bias on o_proj; no released Llama 3 uses it.
-                if get_bool(&raw, "attention_bias")?.unwrap_or(false) {
-                    bail!("unsupported: llama with attention_bias = true");
-                }
-                false
-            }
-        };
-        if get_bool(&raw, "mlp_bias")?.unwrap_or(false) {
-            bail!("unsupported: mlp_bias = true");
-        }
-        if model_type == ModelType::Qwen2 && get_bool(&raw, "use_sliding_window")?.unwrap_or(false)
-        {
-            bail!("unsupported: qwen2 with use_sliding_window = true");
-        }
+        check_unimplemented_settings(&raw, model_type)?;
+        let (rope_theta, rope_scaling, rope_format) = parse_rope(&raw)?;
         let hidden_size = require_usize(&raw, "hidden_size")?;
         let num_attention_heads = require_usize(&raw, "num_attention_heads")?;
         let num_key_value_heads =
@@ -221,6 +496,15 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             bail!("head_dim must be a positive even number (rotary embedding), got {head_dim}");
         }
+        let num_hidden_layers = require_usize(&raw, "num_hidden_layers")?;
+        if let Some(types) = raw.get("layer_types").and_then(Value::as_array) {
+            if types.len() != num_hidden_layers {
+                bail!(
+                    "config key \"layer_types\" has {} entries for {num_hidden_layers} layers",
+                    types.len()
+                );
+            }
+        }
         let default_max_pos = match model_type {
             ModelType::Llama => 2048,
             ModelType::Qwen2 => 32768,
@@ -230,15 +514,16 @@ impl ModelConfig {
             vocab_size: require_usize(&raw, "vocab_size")?,
             hidden_size,
             intermediate_size: require_usize(&raw, "intermediate_size")?,
-            num_hidden_layers: require_usize(&raw, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: get_f64(&raw, "rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: get_f64(&raw, "rope_theta")?.unwrap_or(10000.0),
-            rope_scaling: parse_rope_scaling(&raw)?,
+            rope_theta,
+            rope_scaling,
+            rope_format,
             tie_word_embeddings: get_bool(&raw, "tie_word_embeddings")?.unwrap_or(false),
-            attention_bias,
+            attention_bias: model_type == ModelType::Qwen2,
             max_position_embeddings: get_usize(&raw, "max_position_embeddings")?
                 .unwrap_or(default_max_pos),
             bos_token_id: raw.get("bos_token_id").and_then(Value::as_i64),
@@ -247,12 +532,28 @@ impl ModelConfig {
         })
     }
 
+    /// Top-level keys of the source config that are in no row of the table above: kept and
+    /// written back, but nothing here reads them (commands warn about them).
+    pub fn unread_keys(&self) -> Vec<String> {
+        self.raw
+            .as_object()
+            .map(|map| {
+                map.keys()
+                    .filter(|k| !DECIDED_KEYS.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// config.json for this model: the original keys, overwritten by the current fields
-    /// (`head_dim` always explicit, since pruning breaks head_dim = hidden / heads).
+    /// (`head_dim` always explicit, since pruning breaks head_dim = hidden / heads). RoPE is
+    /// written in the source's spelling; when it is unchanged, the source's entries are copied
+    /// as they were (same keys, same numbers).
     pub fn to_hf_json(&self) -> Value {
         let mut out = match &self.raw {
             Value::Object(map) => map.clone(),
-            _ => serde_json::Map::new(),
+            _ => Map::new(),
         };
         let mut set = |k: &str, v: Value| {
             out.insert(k.to_string(), v);
@@ -268,25 +569,6 @@ impl ModelConfig {
         set("head_dim", json!(self.head_dim));
         set("hidden_act", json!("silu"));
         set("rms_norm_eps", json!(self.rms_norm_eps));
-        set("rope_theta", json!(self.rope_theta));
-        set(
-            "rope_scaling",
-            match self.rope_scaling {
-                RopeScaling::None => Value::Null,
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => json!({
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings,
-                }),
-            },
-        );
         set("tie_word_embeddings", json!(self.tie_word_embeddings));
         if self.model_type == ModelType::Llama {
             set("attention_bias", json!(false));
@@ -304,8 +586,37 @@ impl ModelConfig {
                 many => json!(many),
             },
         );
+        let unchanged = parse_rope(&self.raw).ok()
+            == Some((self.rope_theta, self.rope_scaling, self.rope_format));
+        for key in ["rope_theta", "rope_scaling", "rope_parameters"] {
+            out.remove(key);
+        }
+        let legacy = matches!(self.rope_format, RopeFormat::ThetaAndScaling | RopeFormat::Both);
+        let parameters = matches!(self.rope_format, RopeFormat::Parameters | RopeFormat::Both);
+        if unchanged {
+            for key in ["rope_theta", "rope_scaling", "rope_parameters"] {
+                if let Some(v) = self.raw.get(key) {
+                    out.insert(key.to_string(), v.clone());
+                }
+            }
+        } else {
+            if legacy {
+                out.insert("rope_theta".into(), json!(self.rope_theta));
+                out.insert(
+                    "rope_scaling".into(),
+                    rope_object(self.rope_theta, self.rope_scaling, false),
+                );
+            }
+            if parameters {
+                out.insert(
+                    "rope_parameters".into(),
+                    rope_object(self.rope_theta, self.rope_scaling, true),
+                );
+            }
+        }
         Value::Object(out)
     }
+
 
     /// Every parameter tensor of the checkpoint with its HF name and shape, in HF's order.
     /// `lm_head.weight` is listed only when the embeddings are not tied.
