@@ -166,7 +166,8 @@ impl ShardDataset {
         self.total_len(i) - self.context_len(i)
     }
 
-    /// Shuffled, length-grouped batches of row indices over the whole split (seeded).
+    /// Shuffled, length-grouped batches of row indices over the whole split (seeded). The rows of
+    /// a batch depend on `batch_size`; training uses [`crate::order::epoch_batches`] instead.
     pub fn batches(&self, spec: &BatchSpec) -> Vec<Vec<usize>> {
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let mut order: Vec<usize> = (0..self.len()).collect();

@@ -180,13 +180,19 @@ fn a_truncated_or_damaged_cache_is_rebuilt() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = preprocess(tmp.path(), "shards", 90, 4, 0);
     ShardDataset::open(&dir).unwrap();
-    for (ext, damage) in [(".tokens", "truncate"), (".index", "truncate"), (".index", "header"), (".tokens", "extend")] {
+    for (ext, damage) in [(".tokens", "truncate"), (".index", "truncate"), (".index", "header"), (".tokens", "extend"), (".index", "record")] {
         let path = cache_file(&dir, "train", ext);
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let len = file.metadata().unwrap().len();
         match damage {
             "truncate" => file.set_len(len - 4).unwrap(),
             "extend" => file.set_len(len + 4).unwrap(),
+            "record" => {
+                // The second row's token start (after the 64-byte header and one 40-byte record).
+                use std::io::{Seek, SeekFrom, Write};
+                (&file).seek(SeekFrom::Start(64 + 40)).unwrap();
+                (&file).write_all(&7u64.to_le_bytes()).unwrap();
+            }
             _ => {
                 use std::io::Write;
                 (&file).write_all(b"garbage!").unwrap();

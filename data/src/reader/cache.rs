@@ -118,23 +118,28 @@ impl TokenCache {
         let records_end = HEADER_BYTES + rows * RECORD_BYTES;
         let index_len = records_end as u64 + header.sources_json_bytes;
         if index.len() as u64 != index_len {
-            bail!("index file is {} bytes, expected {index_len} (truncated?)", index.len());
+            bail!("index file is {} bytes, expected {index_len} (truncated or damaged)", index.len());
         }
         let tokens = map_file(tokens_path)?;
         if tokens.len() as u64 != header.tokens * 4 {
-            bail!("token file {} is {} bytes, expected {} (truncated?)", tokens_path.display(), tokens.len(), header.tokens * 4);
+            bail!("token file {} is {} bytes, expected {} (truncated or damaged)", tokens_path.display(), tokens.len(), header.tokens * 4);
         }
         // Both casts are checked once here; the accessors below then cannot fail.
         bytemuck::try_cast_slice::<u8, u32>(&tokens).map_err(|e| anyhow!("token file: {e}"))?;
         bytemuck::try_cast_slice::<u8, RowRecord>(&index[HEADER_BYTES..records_end]).map_err(|e| anyhow!("index records: {e}"))?;
         let source_names: Vec<String> = serde_json::from_slice(&index[records_end..]).context("source names")?;
         let cache = TokenCache { tokens, index, rows, source_names };
-        // The last row must end exactly at the end of the token file (cheap, and catches a
-        // token file from another build).
-        if let Some(last) = cache.records().last() {
-            if last.token_start + last.total_len as u64 != header.tokens {
-                bail!("the last row ends at token {}, the file holds {}", last.token_start + last.total_len as u64, header.tokens);
+        // Rows must tile the token file exactly, so the accessors' slices are always in range.
+        // One pass over the index (40 bytes a row; training's length sort reads it all anyway).
+        let mut next_start = 0u64;
+        for (i, r) in cache.records().iter().enumerate() {
+            if r.token_start != next_start || r.context_len > r.total_len || r.source as usize >= cache.source_names.len() {
+                bail!("index record {i} is inconsistent ({r:?})");
             }
+            next_start += r.total_len as u64;
+        }
+        if next_start != header.tokens {
+            bail!("the rows end at token {next_start}, the file holds {}", header.tokens);
         }
         Ok(cache)
     }
