@@ -4,14 +4,16 @@
 //!
 //! `<shards>/.cache/<split>-<key>-<fingerprint>.tokens`: all rows' context ‖ target tokens as
 //! little-endian `u32`, row after row, from offset 0.
-//! `<shards>/.cache/<split>-<key>-<fingerprint>.index`: a 64-byte [`Header`], one 40-byte
+//! `<shards>/.cache/<split>-<key>-<fingerprint>.index`: a 64-byte header, one 40-byte
 //! [`RowRecord`] per row in shard order, then the source names as a JSON array.
 //!
 //! `key` is the manifest key; `fingerprint` hashes the manifest's shard list and the shard files'
 //! sizes and modification times, so new shards get a new cache and an old one is never read.
-//! Files are written under temporary names and renamed into place (tokens first, index last):
-//! when several ranks build at once, whoever renames last wins, and the contents are identical.
-//! A mapped file is never modified in place, which is what makes mapping it sound.
+//! Files are written under temporary names and renamed into place (tokens first, index last).
+//! When several ranks open a split at once, one builds while holding `<...>.lock` and the others
+//! wait, then map its files; should the lock not work (some network filesystems), each builds and
+//! whoever renames last wins, with identical contents. A mapped file is never modified in place,
+//! which is what makes mapping it sound.
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -95,7 +97,15 @@ impl TokenCache {
                 Err(err) => eprintln!("reader: rebuilding the token cache {}: {err:#}", index_path.display()),
             }
         }
-        build(dir, entry, &cache_dir, &tokens_path, &index_path, &expected)?;
+        std::fs::create_dir_all(&cache_dir)
+            .with_context(|| format!("creating the token cache folder {} (the shard folder must be writable)", cache_dir.display()))?;
+        // One builder at a time; the other ranks wait and then map what it built. Correctness does
+        // not rest on the lock (each build renames identical files into place), it saves work.
+        let _lock = lock_build(&cache_dir.join(format!("{stem}.lock")))?;
+        if let Ok(cache) = TokenCache::map(&tokens_path, &index_path, &expected) {
+            return Ok(cache); // built while this process waited
+        }
+        build(dir, entry, &tokens_path, &index_path, &expected)?;
         remove_stale(&cache_dir, split_name, &stem);
         TokenCache::map(&tokens_path, &index_path, &expected)
             .with_context(|| format!("mapping the token cache just built at {}", index_path.display()))
@@ -232,9 +242,29 @@ impl Drop for TmpFiles {
     }
 }
 
-fn build(dir: &Path, entry: &SplitEntry, cache_dir: &Path, tokens_path: &Path, index_path: &Path, expected: &Expected) -> Result<()> {
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("creating the token cache folder {} (the shard folder must be writable)", cache_dir.display()))?;
+/// An exclusive advisory lock on `path` (released when the returned file is closed, also when the
+/// process dies). Waits, with a message, while another process holds it.
+fn lock_build(path: &Path) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("reader: waiting for another process to finish the token cache ({})", path.display());
+            file.lock().with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(err)) => {
+            eprintln!("reader: cannot lock {} ({err}); building without the lock", path.display());
+        }
+    }
+    Ok(file)
+}
+
+fn build(dir: &Path, entry: &SplitEntry, tokens_path: &Path, index_path: &Path, expected: &Expected) -> Result<()> {
     eprintln!("reader: building the token cache {} ({} rows)", index_path.display(), entry.rows);
     let tmp = TmpFiles(vec![unique_tmp(tokens_path), unique_tmp(index_path)]);
     let create = |path: &Path| File::create(path).with_context(|| format!("creating {}", path.display()));
@@ -335,14 +365,15 @@ fn build(dir: &Path, entry: &SplitEntry, cache_dir: &Path, tokens_path: &Path, i
     Ok(())
 }
 
-/// Remove this split's caches of earlier shards (best effort). Processes that still map one keep
-/// their pages: unlinking a mapped file leaves the mapping valid.
+/// Remove this split's caches (and their lock files) of earlier shards, best effort. Processes
+/// that still map one keep their pages: unlinking a mapped file leaves the mapping valid.
 fn remove_stale(cache_dir: &Path, split_name: &str, current_stem: &str) {
     let Ok(entries) = std::fs::read_dir(cache_dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let ours = name.starts_with(&format!("{split_name}-")) && (name.ends_with(".tokens") || name.ends_with(".index"));
+        let ours = name.starts_with(&format!("{split_name}-"))
+            && (name.ends_with(".tokens") || name.ends_with(".index") || name.ends_with(".lock"));
         if ours && !name.starts_with(current_stem) {
             let _ = std::fs::remove_file(entry.path());
         }
