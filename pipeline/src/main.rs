@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
+mod eval_loss;
 mod generate;
 mod init_model;
 mod inspect;
@@ -33,6 +34,10 @@ enum Command {
     Generate(generate::Args),
     /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
     InitModel(init_model::Args),
+    /// Train the decoder: OverFill (frozen full-model prefill), or the Pruned/SFT baselines.
+    Train(train::Args),
+    /// Mean cross-entropy over predicted target tokens of a decoder on a split.
+    EvalLoss(eval_loss::Args),
     /// Test helper: write made-up training scalars to a TensorBoard event file.
     #[command(hide = true)]
     DebugWriteEvents(train::events::DebugWriteEventsArgs),
@@ -47,6 +52,8 @@ fn main() -> Result<()> {
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
+        Command::Train(args) => train::run(args),
+        Command::EvalLoss(args) => eval_loss::run(args),
         Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
     }
 }

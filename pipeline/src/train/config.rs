@@ -19,7 +19,8 @@ pub enum TrainMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
-    /// Linear warmup, then cosine decay to 0 at the last step.
+    /// Linear warmup (peak × step / warmup steps, so never 0 at step 1), then cosine decay towards
+    /// 0: Hugging Face's `get_cosine_schedule_with_warmup` at the 0-based step.
     Cosine,
     /// Linear warmup, then constant.
     Constant,

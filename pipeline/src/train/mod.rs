@@ -1,6 +1,135 @@
 //! `overfill train`: OverFill decoder training (and the Pruned / SFT baselines) — see issue 8.
 pub mod config;
 pub mod events;
+pub mod loader;
 pub mod memory;
+pub mod optimizer;
+pub mod run_folder;
+pub mod settings;
+pub mod trainer;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use overfill_data::order::steps_per_epoch;
+use overfill_data::reader::{ShardDataset, Split};
+use overfill_model::checkpoint::{load_config, parse_device, parse_dtype};
+use overfill_model::train::check_compatible;
+
+#[allow(unused_imports)]
 pub use config::{LrSchedule, TrainMode, TrainSection};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// Recipe TOML; its [train] table (and [model] path, [data] shards, [prune] out) give the
+    /// defaults that flags override.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The frozen full model (overfill mode) [default: the recipe's [model] path].
+    #[arg(long)]
+    pub full: Option<PathBuf>,
+    /// The trainable model: the pruned decoder, or the single model in pruned/sft modes
+    /// [default: the recipe's [prune] out].
+    #[arg(long)]
+    pub decoder: Option<PathBuf>,
+    /// Token shards from `overfill preprocess` [default: the recipe's [data] shards].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The run folder (checkpoints, final decoder, TensorBoard events, resolved recipe).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// overfill (frozen full-model prefill + decoder), pruned or sft (one model over context ‖ target).
+    #[arg(long, value_enum)]
+    pub mode: Option<TrainMode>,
+    /// Stop after this optimizer step (the schedule still spans num_epochs, so a later --resume
+    /// with a larger value continues the same run).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Continue from the newest complete checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Rows per micro-batch on each device.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Optimizer steps between checkpoints (0 = only at the end).
+    #[arg(long)]
+    pub save_steps: Option<u64>,
+    /// Optimizer steps between validation losses (0 = only at the end).
+    #[arg(long)]
+    pub eval_steps: Option<u64>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Compute dtype: f32, or bf16 (fp32 master weights and optimizer state).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Intra-op threads for libtorch (0 = libtorch's default).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `overfill train`: every check first (nothing written, no weight loaded until they pass), then
+/// the run folder, then the loop.
+pub fn run(args: Args) -> Result<()> {
+    let settings = settings::resolve(&args)?;
+    let t = settings.train.clone();
+    if t.threads > 0 {
+        tch::set_num_threads(t.threads as i32);
+    }
+    settings::check_paths_exist(settings.full.as_deref(), &settings.decoder, &settings.data)?;
+    let device = parse_device(&t.device)?;
+    let kind = parse_dtype(&t.dtype)?;
+    let decoder_config = load_config(&settings.decoder)?;
+    if let Some(full) = &settings.full {
+        check_compatible(&load_config(full)?, &decoder_config)?;
+    }
+    let train = ShardDataset::open_split(&settings.data, Split::Train)?;
+    if train.is_empty() {
+        bail!("the train split of {} has no rows", settings.data.display());
+    }
+    settings::check_shard_vocab(&train, "train", &decoder_config, &settings.decoder)?;
+    let val = ShardDataset::open_split(&settings.data, Split::Val)?;
+    let val = if val.is_empty() {
+        eprintln!("note: {} has no val rows: no validation loss", settings.data.display());
+        None
+    } else {
+        settings::check_shard_vocab(&val, "val", &decoder_config, &settings.decoder)?;
+        Some(val)
+    };
+    let per_epoch = steps_per_epoch(train.len(), settings.global_batch_rows(1));
+    let total_steps = (per_epoch * t.num_epochs) as u64;
+    let resume_from = match run_folder::inspect(&settings)? {
+        run_folder::Existing::Fresh => None,
+        run_folder::Existing::SameRun { checkpoint } => checkpoint,
+    };
+    if settings.resume && resume_from.is_none() {
+        eprintln!("--resume: no checkpoint in {} yet; starting from step 0", settings.out.display());
+    }
+
+    // Checks passed: the run folder may be written from here on.
+    std::fs::create_dir_all(&settings.out).with_context(|| format!("creating {}", settings.out.display()))?;
+    run_folder::remove_stale_temporaries(&settings.out)?;
+    run_folder::write_recipe(&settings)?;
+    trainer::train(
+        trainer::TrainInputs {
+            settings,
+            device,
+            kind,
+            train: Arc::new(train),
+            val,
+            steps_per_epoch: per_epoch,
+            total_steps,
+            resume_from,
+        },
+        &trainer::SingleProcess,
+    )
+}

@@ -1,0 +1,312 @@
+//! The `overfill train` / `overfill eval-loss` command-line contract on CPU f32 with a tiny random
+//! Llama, its calibrate-pruned decoder and synthetic shards (chained as `just demo` chains them):
+//! exact resume, accumulation vs batch size, the final decoder in transformers, bad input refused
+//! before any work, and eval-loss equal to the trainer's own validation loss.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use tch::Tensor;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+fn overfill(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
+}
+
+fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
+    let out = overfill(cwd, args);
+    assert!(out.status.success(), "overfill {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn overfill_err(cwd: &Path, args: &[&str]) -> String {
+    let out = overfill(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "overfill {} should have failed; stderr:\n{stderr}", args.join(" "));
+    stderr
+}
+
+const RECIPE: &str = r#"
+name = "train-cli"
+[model]
+path = "full"
+[data]
+shards = "shards"
+tokenizer = "tok"
+template = "llama3"
+[[sources]]
+name = "synthetic"
+path = "raw.json"
+format = "openhermes"
+[preprocess]
+pre_filter_max_seq_length = 1000
+max_seq_length = 1024
+val_size = 10
+seed = 0
+rows_per_shard = 100
+[calibrate]
+calib_size = 8
+batch_size = 4
+max_seq_len = 48
+dtype = "f32"
+device = "cpu"
+[prune]
+width_hidden = 0.5
+width_intermediate = 0.25
+out = "pruned"
+[train]
+device = "cpu"
+dtype = "f32"
+threads = 1
+learning_rate = 1e-3
+warmup_ratio = 0.1
+weight_decay = 0.01
+per_device_batch_size = 2
+gradient_accumulation_steps = 2
+max_seq_length = 1024
+logging_steps = 1
+eval_steps = 0
+eval_max_rows = 8
+save_steps = 0
+"#;
+
+/// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-cli-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        overfill_ok(&dir, &["synth-data", "--tokenizer-out", "tok"]);
+        overfill_ok(&dir, &["synth-data", "--format", "openhermes", "--rows", "80", "--seed", "3", "--out", "raw.json"]);
+        let config = repo_root().join("configs/models/tiny-llama.json");
+        overfill_ok(&dir, &["init-model", "--config", config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
+        std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
+        overfill_ok(&dir, &["preprocess", "--config", "recipe.toml"]);
+        overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
+        dir
+    })
+}
+
+/// One trained run (4 steps, overfill) shared by the tests that only read it.
+fn trained() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = fixture();
+        overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "trained", "--max-steps", "4"]);
+        dir.join("trained")
+    })
+}
+
+fn log_lines(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// (step, loss, grad_norm) of every logged training step.
+fn train_losses(run: &Path) -> Vec<(u64, f64, f64)> {
+    log_lines(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some_and(|l| l.is_f64()))
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join("model.safetensors")).unwrap().into_iter().collect()
+}
+
+fn bytes(path: PathBuf) -> Vec<u8> {
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+#[test]
+fn resume_ends_with_the_same_decoder_as_an_uninterrupted_run() {
+    let dir = fixture();
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--config", "recipe.toml", "--out", out, "--save-steps", "2"];
+        args.extend_from_slice(extra);
+        overfill_ok(dir, &args);
+    };
+    train("whole", &["--max-steps", "6"]);
+    train("halves", &["--max-steps", "3"]);
+    assert!(dir.join("halves/checkpoint-3/trainer_state.json").is_file(), "a stopped run leaves a checkpoint at its last step");
+    train("halves", &["--max-steps", "6", "--resume"]);
+
+    let (whole, halves) = (dir.join("whole"), dir.join("halves"));
+    assert_eq!(bytes(whole.join("final/model.safetensors")), bytes(halves.join("final/model.safetensors")), "final decoders differ");
+    assert_eq!(
+        bytes(whole.join("checkpoint-6/optimizer.safetensors")),
+        bytes(halves.join("checkpoint-6/optimizer.safetensors")),
+        "optimizer states differ"
+    );
+    // The resumed log holds each step once, with the uninterrupted run's numbers.
+    assert_eq!(train_losses(&whole), train_losses(&halves));
+    assert_eq!(train_losses(&whole).iter().map(|s| s.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    // save_total_limit = 2 (the default): the newest two checkpoints stay.
+    let mut kept: Vec<String> = std::fs::read_dir(&whole)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-4", "checkpoint-6"]);
+    let state: serde_json::Value = serde_json::from_slice(&bytes(whole.join("checkpoint-6/trainer_state.json"))).unwrap();
+    assert_eq!(state["step"], 6);
+    assert_eq!(state["settings"]["per_device_batch_size"], 2);
+    for file in ["config.json", "tokenizer.json"] {
+        assert!(whole.join("final").join(file).is_file(), "final/ has {file}");
+    }
+    assert!(whole.join("recipe.toml").is_file());
+    assert!(std::fs::read_dir(&whole).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+
+    // The same folder again without --resume, or with another recipe: refused, nothing touched.
+    let before = bytes(whole.join("final/model.safetensors"));
+    let err = overfill_err(dir, &["train", "--config", "recipe.toml", "--out", "whole", "--max-steps", "6"]);
+    assert!(err.contains("--resume"), "{err}");
+    let err = overfill_err(dir, &["train", "--config", "recipe.toml", "--out", "whole", "--max-steps", "8", "--lr", "0.01", "--resume"]);
+    assert!(err.contains("different recipe") && err.contains("learning_rate"), "{err}");
+    assert_eq!(before, bytes(whole.join("final/model.safetensors")));
+    assert_eq!(train_losses(&whole).len(), 6);
+}
+
+#[test]
+fn accumulation_2_of_batch_2_equals_batch_4() {
+    let dir = fixture();
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "accum", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4"]);
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "batch", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "4"]);
+    let (a, b) = (train_losses(&dir.join("accum")), train_losses(&dir.join("batch")));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a.len(), b.len());
+    for ((step, la, ga), (_, lb, gb)) in a.iter().zip(&b) {
+        assert!((la - lb).abs() <= 1e-5, "step {step}: loss {la} vs {lb}");
+        assert!((ga - gb).abs() <= 1e-5 * ga.max(1.0), "step {step}: grad norm {ga} vs {gb}");
+    }
+    let (wa, wb) = (weights(&dir.join("accum/final")), weights(&dir.join("batch/final")));
+    let initial = weights(&dir.join("pruned"));
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    let mut moved = 0.0f64;
+    for (name, ta) in &wa {
+        let diff = (ta - &wb[name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{name}: final weights differ by {diff}");
+        moved = moved.max((ta - &initial[name]).abs().max().double_value(&[]));
+    }
+    assert!(moved > 1e-4, "training changed the decoder (max change {moved})");
+}
+
+#[test]
+fn final_decoder_loads_in_transformers_with_equal_logits() {
+    let run = trained();
+    let ids = "1,40,41,42,50,60,70,80,90,100,110,120";
+    let logits = run.join("final-logits.safetensors");
+    overfill_ok(
+        run,
+        &["generate", "--model", "final", "--prompt-ids", ids, "--max-new-tokens", "1", "--dtype", "f32", "--device", "cpu", "--logits", logits.to_str().unwrap()],
+    );
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+ids = torch.tensor([[int(x) for x in sys.argv[2].split(",")]])
+with torch.no_grad():
+    ref = model(ids).logits[0]
+ours = load_file(sys.argv[3])["logits"]
+assert ours.shape == ref.shape, (ours.shape, ref.shape)
+print((ours - ref).abs().max().item())
+"#;
+    let out = Command::new(python())
+        .args(["-c", script, run.join("final").to_str().unwrap(), ids, logits.to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(out.status.success(), "transformers failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let diff: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(diff <= 1e-4, "logits of the trained decoder differ from transformers by {diff}");
+}
+
+#[test]
+fn eval_loss_prints_json_equal_to_the_trainers_validation_loss() {
+    let run = trained();
+    let dir = fixture();
+    let stdout = overfill_ok(
+        dir,
+        &[
+            "eval-loss", "--full", "full", "--decoder", "trained/final", "--data", "shards", "--batch-size", "2", "--max-rows", "8",
+            "--max-seq-length", "1024", "--device", "cpu", "--dtype", "f32", "--threads", "1", "--json",
+        ],
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (loss, tokens) = (last["loss"].as_f64().unwrap(), last["tokens"].as_i64().unwrap());
+    assert!(loss.is_finite() && loss > 0.0 && tokens > 0, "{last}");
+    let trainer_eval = log_lines(run).into_iter().rev().find(|v| v.get("eval_loss").is_some()).expect("the run logged a validation loss");
+    assert_eq!(trainer_eval["step"], 4, "validation loss at the end of the run");
+    assert_eq!(trainer_eval["eval_tokens"].as_i64().unwrap(), tokens);
+    assert!((trainer_eval["eval_loss"].as_f64().unwrap() - loss).abs() <= 1e-5, "{trainer_eval} vs {last}");
+
+    // The pruned baseline: one model over context ‖ target, scored on the same tokens.
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--mode", "pruned", "--out", "pruned-run", "--max-steps", "2"]);
+    let stdout = overfill_ok(
+        dir,
+        &["eval-loss", "--mode", "pruned", "--decoder", "pruned-run/final", "--data", "shards", "--max-rows", "8", "--max-seq-length", "1024", "--device", "cpu", "--dtype", "f32", "--json"],
+    );
+    let pruned: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(pruned["tokens"].as_i64().unwrap(), tokens, "every mode scores the same tokens");
+    assert!(pruned["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn bad_input_is_refused_before_any_work() {
+    let dir = fixture();
+    let base: serde_json::Value = serde_json::from_slice(&bytes(repo_root().join("configs/models/tiny-llama.json"))).unwrap();
+    let write_config = |name: &str, key: &str, value: i64| {
+        let mut config = base.clone();
+        config[key] = value.into();
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+        overfill_ok(dir, &["init-model", "--config", path.to_str().unwrap(), "--out", name, "--seed", "2"]);
+    };
+    write_config("two-layers", "num_hidden_layers", 2);
+    write_config("small-vocab", "vocab_size", 256);
+    // Shards with an empty split: preprocess with no validation rows (val empty), then the same
+    // manifest with its splits swapped (train empty).
+    overfill_ok(dir, &["synth-data", "--format", "openhermes", "--rows", "6", "--seed", "5", "--out", "few.json"]);
+    let few = RECIPE.replace("raw.json", "few.json").replace("val_size = 10", "val_size = 0").replace("\"shards\"", "\"few-shards\"");
+    std::fs::write(dir.join("few.toml"), few).unwrap();
+    overfill_ok(dir, &["preprocess", "--config", "few.toml"]);
+    let err = overfill_err(dir, &["eval-loss", "--mode", "sft", "--decoder", "pruned", "--data", "few-shards", "--split", "val", "--json"]);
+    assert!(err.contains("val split") && err.contains("no rows"), "{err}");
+    let manifest_path = dir.join("few-shards/manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&bytes(manifest_path.clone())).unwrap();
+    let train = manifest["train"].take();
+    manifest["train"] = manifest["val"].take();
+    manifest["val"] = train;
+    std::fs::write(&manifest_path, serde_json::to_string(&manifest).unwrap()).unwrap();
+
+    let cases: [(&str, Vec<&str>, Vec<&str>); 4] = [
+        ("incompatible decoder", vec!["--decoder", "two-layers"], vec!["num_hidden_layers", "full model 4", "decoder 2"]),
+        ("vocabulary larger than the model's", vec!["--mode", "sft", "--decoder", "small-vocab"], vec!["tokens", "vocab_size 256"]),
+        ("empty train split", vec!["--data", "few-shards"], vec!["train split", "no rows"]),
+        ("missing folder", vec!["--full", "no-such-model"], vec!["no-such-model", "does not exist"]),
+    ];
+    for (i, (what, flags, words)) in cases.iter().enumerate() {
+        let out = format!("bad-{i}");
+        let mut args = vec!["train", "--config", "recipe.toml", "--out", &out];
+        args.extend(flags.iter().copied());
+        let err = overfill_err(dir, &args);
+        for word in words {
+            assert!(err.contains(word), "{what}: {word:?} not in:\n{err}");
+        }
+        assert!(!dir.join(&out).exists(), "{what}: the run folder was created");
+    }
+    let err = overfill_err(dir, &["eval-loss", "--full", "full", "--decoder", "two-layers", "--data", "shards", "--json"]);
+    assert!(err.contains("num_hidden_layers"), "{err}");
+}
