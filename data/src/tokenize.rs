@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use tokenizers::Tokenizer;
+// Re-exported so that crates without a tokenizers dependency can name the type.
+pub use tokenizers::Tokenizer;
 
 use crate::template::{ChatTemplate, RenderedSplit, TemplateTokens};
 
@@ -216,4 +217,55 @@ impl SplitTokenizer {
             Err(_) => false,
         }
     }
+}
+
+/// Ids the tokenizer can produce (vocabulary and added tokens) that an embedding table of
+/// `vocab_size` rows cannot embed, ascending, with their tokens. Real tokenizers carry such ids:
+/// the Llama 3.2 release's has `<|image|>` at 128256, one past the text models' vocabulary.
+pub fn ids_beyond_vocab(tokenizer: &Tokenizer, vocab_size: usize) -> Vec<(u32, String)> {
+    let mut beyond: Vec<(u32, String)> = tokenizer
+        .get_vocab(true)
+        .into_iter()
+        .filter(|&(_, id)| id as usize >= vocab_size)
+        .map(|(token, id)| (id, token))
+        .collect();
+    beyond.sort();
+    beyond
+}
+
+/// The load-time warning for `ids_beyond_vocab` (None when every id fits): loading such a pair
+/// is fine as long as text never encodes to one of those ids, which `check_ids_in_vocab` refuses.
+pub fn vocab_overflow_warning(tokenizer: &Tokenizer, vocab_size: usize, tokenizer_path: &Path) -> Option<String> {
+    let beyond = ids_beyond_vocab(tokenizer, vocab_size);
+    if beyond.is_empty() {
+        return None;
+    }
+    const SHOWN: usize = 8;
+    let mut listed: Vec<String> = beyond.iter().take(SHOWN).map(|(id, token)| format!("{id} {token:?}")).collect();
+    if beyond.len() > SHOWN {
+        listed.push(format!("and {} more", beyond.len() - SHOWN));
+    }
+    Some(format!(
+        "warning: tokenizer {} has {} token id{} the model cannot embed (vocab_size {vocab_size}): {}; text that encodes to them will be refused",
+        tokenizer_path.display(),
+        beyond.len(),
+        if beyond.len() == 1 { "" } else { "s" },
+        listed.join(", ")
+    ))
+}
+
+/// Fails when an id of `ids` is past the model's vocabulary, naming its position, the id and,
+/// when a tokenizer is given, its token (`what` says whose ids they are, e.g. "the prompt").
+pub fn check_ids_in_vocab(ids: &[u32], vocab_size: usize, tokenizer: Option<&Tokenizer>, what: &str) -> Result<()> {
+    let Some(position) = ids.iter().position(|&id| id as usize >= vocab_size) else {
+        return Ok(());
+    };
+    let id = ids[position];
+    let token = tokenizer.and_then(|t| t.id_to_token(id)).map(|t| format!(" ({t:?})")).unwrap_or_default();
+    let count = ids.iter().filter(|&&id| id as usize >= vocab_size).count();
+    bail!(
+        "{what} has token id {id}{token} at position {position}{}, but the model's vocabulary has {vocab_size} entries (ids 0..={}): the model cannot embed it",
+        if count > 1 { format!(" and {} more such ids", count - 1) } else { String::new() },
+        vocab_size.saturating_sub(1)
+    )
 }

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use overfill_model::checkpoint::{parse_device, parse_dtype, resolve_model_dir};
+use overfill_data::tokenize::{check_ids_in_vocab, load_tokenizer, vocab_overflow_warning};
+use overfill_model::checkpoint::{dtype_name, load_config, parse_device, parse_dtype, resolve_model_dir};
 use overfill_model::generate::{greedy, GenerateOptions};
 use overfill_model::transformer::Transformer;
 use serde_json::json;
@@ -39,6 +40,10 @@ pub struct Args {
     /// Write the prompt's logits to FILE (safetensors, key "logits", [prompt_len, vocab] f32).
     #[arg(long, value_name = "FILE")]
     pub logits: Option<PathBuf>,
+    /// Refuse, instead of warning, a prompt (plus --max-new-tokens) longer than the model's
+    /// max_position_embeddings.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 fn parse_ids(s: &str) -> Result<Vec<i64>> {
@@ -57,33 +62,83 @@ fn parse_ids(s: &str) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
+/// RoPE positions past `max_position_embeddings` are outside what the model was trained on:
+/// the output degrades without any error, so say so (or refuse with --strict).
+fn check_positions(prompt_len: usize, max_new_tokens: usize, max_positions: usize, strict: bool) -> Result<()> {
+    let problem = if prompt_len > max_positions {
+        format!("the prompt has {prompt_len} tokens, more than the model's max_position_embeddings {max_positions}")
+    } else if prompt_len + max_new_tokens > max_positions {
+        format!(
+            "the prompt ({prompt_len} tokens) plus --max-new-tokens {max_new_tokens} runs past the model's max_position_embeddings {max_positions}"
+        )
+    } else {
+        return Ok(());
+    };
+    if strict {
+        bail!("{problem} (--strict)");
+    }
+    eprintln!("warning: {problem}; positions beyond it were never trained (--strict refuses this)");
+    Ok(())
+}
+
+fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_string(),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let dir = resolve_model_dir(&args.model)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    let config = load_config(&dir)?;
+    crate::init_model::warn_unread_keys(&config, &dir.join("config.json"));
+    let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = match &args.prompt {
         Some(_) => {
-            let path = dir.join("tokenizer.json");
-            if !path.is_file() {
-                bail!("--prompt needs {} (or pass --prompt-ids)", path.display());
+            if !tokenizer_path.is_file() {
+                bail!("--prompt needs {} (or pass --prompt-ids)", tokenizer_path.display());
             }
-            Some(overfill_data::tokenize::load_tokenizer(&path)?)
+            let tokenizer = load_tokenizer(&tokenizer_path)?;
+            if let Some(warning) =
+                vocab_overflow_warning(&tokenizer, config.vocab_size, &tokenizer_path)
+            {
+                eprintln!("{warning}");
+            }
+            Some(tokenizer)
         }
         None => None,
     };
-    let prompt_ids = match (&args.prompt, &args.prompt_ids, &tokenizer) {
+    let prompt_ids: Vec<i64> = match (&args.prompt, &args.prompt_ids, &tokenizer) {
         (Some(text), _, Some(tok)) => {
             let encoding = tok
                 .encode(text.as_str(), true)
                 .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
+            // Text can encode to an id past the embedding table (a special token such as
+            // Llama 3.2's <|image|>): refuse it here, naming the token.
+            check_ids_in_vocab(encoding.get_ids(), config.vocab_size, Some(tok), "the prompt")?;
             encoding.get_ids().iter().map(|&id| id as i64).collect()
         }
-        (_, Some(ids), _) => parse_ids(ids)?,
+        (_, Some(ids), _) => {
+            let ids = parse_ids(ids)?;
+            if let Some(&id) = ids.iter().find(|&&id| id < 0 || id > u32::MAX as i64) {
+                bail!("--prompt-ids has token id {id}, outside the model's vocabulary 0..{}", config.vocab_size);
+            }
+            let as_u32: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+            if as_u32.iter().any(|&id| id as usize >= config.vocab_size) {
+                // Name the token when the model folder has a tokenizer.
+                let tok = tokenizer_path.is_file().then(|| load_tokenizer(&tokenizer_path).ok()).flatten();
+                check_ids_in_vocab(&as_u32, config.vocab_size, tok.as_ref(), "--prompt-ids")?;
+            }
+            ids
+        }
         _ => bail!("give --prompt or --prompt-ids"),
     };
     if prompt_ids.is_empty() {
         bail!("the prompt has no tokens");
     }
+    check_positions(prompt_ids.len(), args.max_new_tokens, config.max_position_embeddings, args.strict)?;
 
     let model = Transformer::load(&dir, device, dtype)
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -118,8 +173,8 @@ pub fn run(args: Args) -> Result<()> {
             "decode_seconds": output.decode_seconds,
             "decode_steps": output.decode_steps,
             "decode_seconds_per_token": output.decode_seconds_per_token(),
-            "dtype": args.dtype,
-            "device": args.device,
+            "dtype": dtype_name(dtype),
+            "device": device_name(device),
         });
         println!("{out}");
     } else {

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use overfill_model::checkpoint::{parse_dtype, save_checkpoint};
+use overfill_data::tokenize::vocab_overflow_warning;
+use overfill_model::checkpoint::{copy_file_contents, dtype_name, parse_dtype, save_checkpoint};
 use overfill_model::config::ModelConfig;
 use overfill_model::transformer::random_tensors;
 
@@ -32,6 +33,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = ModelConfig::from_file(&args.config)?;
+    warn_unread_keys(&config, &args.config);
     let dtype = parse_dtype(&args.dtype)?;
     if !(args.std > 0.0 && args.std.is_finite()) {
         bail!("--std must be a positive number, got {}", args.std);
@@ -44,20 +46,12 @@ pub fn run(args: Args) -> Result<()> {
                 path.clone()
             };
             let tokenizer = overfill_data::tokenize::load_tokenizer(&json)?;
-            let max_id = tokenizer
-                .get_vocab(true)
-                .values()
-                .copied()
-                .max()
-                .unwrap_or(0) as usize;
             // Real tokenizers sometimes carry extra special tokens past the model's vocabulary
-            // (Llama 3.2's <|image|>); generation rejects such ids if they ever occur.
-            if max_id >= config.vocab_size {
-                eprintln!(
-                    "warning: tokenizer {} has token ids up to {max_id}, beyond the config's vocab_size {}",
-                    json.display(),
-                    config.vocab_size
-                );
+            // (Llama 3.2's <|image|>): fine to ship, every command refuses text encoding to them.
+            if let Some(warning) =
+                vocab_overflow_warning(&tokenizer, config.vocab_size, &json)
+            {
+                eprintln!("{warning}");
             }
             let mut files = vec![json.clone()];
             let config_json = json.with_file_name("tokenizer_config.json");
@@ -74,9 +68,7 @@ pub fn run(args: Args) -> Result<()> {
         let name = file
             .file_name()
             .context("tokenizer path has no file name")?;
-        std::fs::copy(&file, args.out.join(name)).with_context(|| {
-            format!("cannot copy {} into {}", file.display(), args.out.display())
-        })?;
+        copy_file_contents(&file, &args.out.join(name))?;
     }
     eprintln!(
         "wrote {} ({} parameters, {} layers, hidden {}, {})",
@@ -84,7 +76,20 @@ pub fn run(args: Args) -> Result<()> {
         config.param_count(),
         config.num_hidden_layers,
         config.hidden_size,
-        args.dtype
+        dtype_name(dtype)
     );
     Ok(())
+}
+
+/// Keys of a config that nothing reads are kept in the saved config; say so, since a setting
+/// the user relies on could be among them.
+pub fn warn_unread_keys(config: &ModelConfig, path: &std::path::Path) {
+    let unread = config.unread_keys();
+    if !unread.is_empty() {
+        eprintln!(
+            "warning: {}: config keys not read by overfill (kept as they are): {}",
+            path.display(),
+            unread.join(", ")
+        );
+    }
 }
