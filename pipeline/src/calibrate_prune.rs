@@ -196,7 +196,7 @@ pub fn run(args: Args) -> Result<()> {
     let hidden_kept = prune::kept_width(config.hidden_size, settings.width_hidden, settings.round_to).context("hidden width")?;
     let inter_kept =
         prune::kept_width(config.intermediate_size, settings.width_intermediate, settings.round_to).context("intermediate width")?;
-    check_tokenizer_vocab(&model_dir, &config)?;
+    let tokenizer = load_model_tokenizer(&model_dir, &config)?;
     let out = settings.out.clone().ok_or_else(|| anyhow!("no --out given and no out in the recipe's [prune] table"))?;
     if !args.calibrate_only {
         check_out_dir(&out)?;
@@ -214,6 +214,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let batches = calibrate::length_sorted_batches(samples, settings.batch_size).with_context(|| format!("calibration data {}", data.display()))?;
+    check_data_vocab(&batches, config.vocab_size, tokenizer.as_ref()).with_context(|| format!("calibration data {}", data.display()))?;
     calibrate::check_token_ids(&batches, config.vocab_size).with_context(|| format!("calibration data {}", data.display()))?;
     let total_tokens: usize = batches.iter().flatten().map(Vec::len).sum();
 
@@ -471,33 +472,29 @@ fn load_shard_samples(path: &Path, n: usize, max_seq_len: usize) -> Result<Vec<V
     Ok(shards.calibration_samples(n, max_seq_len))
 }
 
-/// The tokenizer shipped with the model must not produce ids past the embedding table. The table
-/// may be larger than the tokenizer (Llama pads it), never smaller.
-fn check_tokenizer_vocab(model_dir: &Path, config: &ModelConfig) -> Result<()> {
+/// The tokenizer shipped with the model, if any. Ids it has past the embedding table are only
+/// warned about here (Llama 3.2's `<|image|>` is one past the text models' vocabulary), as in
+/// every command; data that holds one is refused by `check_data_vocab`, naming the token.
+fn load_model_tokenizer(model_dir: &Path, config: &ModelConfig) -> Result<Option<overfill_data::tokenize::Tokenizer>> {
     let path = model_dir.join("tokenizer.json");
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let mut size = match value.pointer("/model/vocab") {
-        Some(serde_json::Value::Object(map)) => map.values().filter_map(|v| v.as_u64()).map(|id| id + 1).max().unwrap_or(0),
-        Some(serde_json::Value::Array(list)) => list.len() as u64,
-        _ => 0,
-    };
-    if let Some(serde_json::Value::Array(added)) = value.get("added_tokens") {
-        for tok in added {
-            if let Some(id) = tok.get("id").and_then(|v| v.as_u64()) {
-                size = size.max(id + 1);
+    let tokenizer = overfill_data::tokenize::load_tokenizer(&path)?;
+    if let Some(warning) = overfill_data::tokenize::vocab_overflow_warning(&tokenizer, config.vocab_size, &path) {
+        eprintln!("{warning}");
+    }
+    Ok(Some(tokenizer))
+}
+
+/// Calibration ids the model cannot embed are refused, naming the token when the model has a tokenizer.
+fn check_data_vocab(batches: &[Vec<Vec<u32>>], vocab_size: usize, tokenizer: Option<&overfill_data::tokenize::Tokenizer>) -> Result<()> {
+    for (b, rows) in batches.iter().enumerate() {
+        for (r, row) in rows.iter().enumerate() {
+            if row.iter().any(|&id| id as usize >= vocab_size) {
+                overfill_data::tokenize::check_ids_in_vocab(row, vocab_size, tokenizer, &format!("calibration batch {b} row {r}"))?;
             }
         }
-    }
-    if size as usize > config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {size} tokens but the model's embedding has vocab_size {} (tokenizer of another model?)",
-            path.display(),
-            config.vocab_size
-        );
     }
     Ok(())
 }
@@ -517,7 +514,7 @@ fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     for name in TOKENIZER_FILES {
         let src = from.join(name);
         if src.is_file() {
-            std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
+            checkpoint::copy_file_contents(&src, &to.join(name))?;
         }
     }
     Ok(())
