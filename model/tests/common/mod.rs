@@ -22,14 +22,19 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/python/model_ref.py ARGS` and returns its stdout; panics with stderr on failure.
 pub fn model_ref(args: &[&str]) -> String {
+    python_script("model_ref.py", args)
+}
+
+/// Runs `tests/python/SCRIPT ARGS` and returns its stdout; panics with stderr on failure.
+pub fn python_script(script: &str, args: &[&str]) -> String {
     let out = Command::new(python())
-        .arg(repo_root().join("tests/python/model_ref.py"))
+        .arg(repo_root().join("tests/python").join(script))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
     assert!(
         out.status.success(),
-        "model_ref.py {args:?} failed:\n{}",
+        "{script} {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
@@ -40,37 +45,44 @@ pub fn model_ref(args: &[&str]) -> String {
 /// binaries share one Python run; built in a temporary folder and renamed into place.
 pub fn reference_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let script = std::fs::read(repo_root().join("tests/python/model_ref.py"))
-            .expect("tests/python/model_ref.py");
-        // FNV-1a: a stable content hash without extra dependencies.
-        let hash = script.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-        let exe = std::env::current_exe().expect("test executable path");
-        let cache = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps")
-            .join("model-ref-cache");
-        let dir = cache.join(format!("{hash:016x}"));
-        if !dir.join("done").is_file() {
-            std::fs::create_dir_all(&cache).expect("cache folder");
-            let tmp = tempfile::Builder::new()
-                .prefix(".building")
-                .tempdir_in(&cache)
-                .expect("temp dir");
-            model_ref(&["make", tmp.path().to_str().expect("utf-8 temp path")]);
-            std::fs::write(tmp.path().join("done"), "").expect("marker");
-            let tmp = tmp.keep();
-            if std::fs::rename(&tmp, &dir).is_err() {
-                // Another process finished first; use its copy.
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
+    DIR.get_or_init(|| cached_script_output("model_ref.py", "model-ref-cache"))
+        .as_path()
+}
+
+/// `tests/python/SCRIPT make DIR`, run once per version of the script into
+/// `<target>/release/CACHE/<hash>` (see `reference_dir`); returns that folder.
+pub fn cached_script_output(script_name: &str, cache_name: &str) -> PathBuf {
+    let script = std::fs::read(repo_root().join("tests/python").join(script_name))
+        .unwrap_or_else(|e| panic!("tests/python/{script_name}: {e}"));
+    // FNV-1a: a stable content hash without extra dependencies.
+    let hash = script.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let exe = std::env::current_exe().expect("test executable path");
+    let cache = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(cache_name);
+    let dir = cache.join(format!("{hash:016x}"));
+    if !dir.join("done").is_file() {
+        std::fs::create_dir_all(&cache).expect("cache folder");
+        let tmp = tempfile::Builder::new()
+            .prefix(".building")
+            .tempdir_in(&cache)
+            .expect("temp dir");
+        python_script(
+            script_name,
+            &["make", tmp.path().to_str().expect("utf-8 temp path")],
+        );
+        std::fs::write(tmp.path().join("done"), "").expect("marker");
+        let tmp = tmp.keep();
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process finished first; use its copy.
+            let _ = std::fs::remove_dir_all(&tmp);
         }
-        dir
-    })
-    .as_path()
+    }
+    dir
 }
 
 pub const CASES: [&str; 5] = [
