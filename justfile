@@ -33,6 +33,22 @@ preprocess recipe="8b-3b": build
 calibrate-prune recipe="8b-3b": build
     {{overfill}} calibrate-prune --config configs/{{recipe}}.toml
 
+# Train the pruned 3.19B decoder of Llama-3.1-8B-Instruct with the frozen full model prefilling (the paper's 8B→3B).
+train-8b3b *flags: build
+    {{overfill}} train --config configs/8b-3b.toml {{flags}}
+
+# Train the pruned 1B decoder of Llama-3.2-3B-Instruct with the frozen full model prefilling (the paper's 3B→1B).
+train-3b1b *flags: build
+    {{overfill}} train --config configs/3b-1b.toml {{flags}}
+
+# OverFill training of the tiny demo models on CPU (after `just demo` has made them).
+train-tiny *flags: build
+    {{overfill}} train --config configs/tiny.toml {{flags}}
+
+# TensorBoard on the run folders under work/ (http://127.0.0.1:6006).
+tensorboard: setup
+    .venv/bin/tensorboard --logdir work --host 127.0.0.1
+
 # Prefill and per-token decode time against transformers (ratios).
 bench-model: build
     bash scripts/bench-model.sh
