@@ -1,15 +1,21 @@
-//! Greedy generation over a left-padded batch: one prefill pass over the prompts, then
-//! one-token decode steps through the KV cache.
+//! Generation over a left-padded batch: one prefill pass over the prompts, then one-token
+//! decode steps through the KV cache.
 //!
-//! The prefill and decode models may differ (OverFill: the full model prefills, a pruned model
-//! with the same layers, KV heads and head_dim decodes from the full model's cache);
-//! `greedy` uses one model for both.
+//! The prefill and decode models may differ (OverFill: the full model prefills and its last
+//! logit gives the first token, a pruned model with the same layers, KV heads and head_dim decodes
+//! every later token from the full model's cache); `greedy` uses one model for both.
+//!
+//! Per decode step the only device→host copy is the chosen ids [B] (needed to stop rows and to
+//! stream text); prefill runs the LM head on the last position only.
+//!
+//! Shapes: B rows, T prompt width (left-padded), S cached slots, D hidden, V vocab.
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::kv_cache::KvCache;
+use crate::sampling::{Sampler, Sampling};
 use crate::train::check_compatible;
 use crate::transformer::Transformer;
 
@@ -38,6 +44,17 @@ impl GenerateOptions {
     }
 }
 
+/// How tokens are chosen and whether the full model refreshes the decoder's cache entries.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeOptions {
+    pub sampling: Sampling,
+    /// `Some(K)`: after the decode model has written K cache slots, the next step is run by the
+    /// prefill (full) model over those K tokens and the newest one: it overwrites their K/V with
+    /// its own and its last logit chooses the next token, as at prefill. Beyond the paper (its
+    /// suggested remedy for long generations).
+    pub refresh_every: Option<usize>,
+}
+
 #[derive(Debug)]
 pub struct GenerationOutput {
     /// Generated ids per row (prompt excluded), ending at the first eos or max_new_tokens.
@@ -50,6 +67,11 @@ pub struct GenerationOutput {
     pub decode_steps: usize,
     /// Prefill logits [B, T, V] f32 when asked for (left-padded like the batch).
     pub prompt_logits: Option<Tensor>,
+    /// Refresh steps run by the prefill model (`DecodeOptions::refresh_every`); their time is
+    /// part of `decode_seconds` and also reported alone in `refresh_seconds`. They are not
+    /// counted in `decode_steps`.
+    pub refreshes: usize,
+    pub refresh_seconds: f64,
 }
 
 impl GenerationOutput {
@@ -104,50 +126,103 @@ pub fn greedy(
     prompts: &[Vec<i64>],
     options: &GenerateOptions,
 ) -> Result<GenerationOutput> {
-    greedy_two_stage(model, model, prompts, options)
+    generate(model, model, prompts, options, &DecodeOptions::default(), None)
 }
 
-/// `prefill_model` runs the prompts and fills the cache; `decode_model` produces every later
-/// token from that cache. Both must agree on what `check_compatible` checks.
+/// Greedy OverFill generation: `prefill_model` runs the prompts, fills the cache and chooses the
+/// first token; `decode_model` produces every later token from that cache.
 pub fn greedy_two_stage(
     prefill_model: &Transformer,
     decode_model: &Transformer,
     prompts: &[Vec<i64>],
     options: &GenerateOptions,
 ) -> Result<GenerationOutput> {
-    let p = &prefill_model.config;
-    check_compatible(p, &decode_model.config)
+    generate(
+        prefill_model,
+        decode_model,
+        prompts,
+        options,
+        &DecodeOptions::default(),
+        None,
+    )
+}
+
+/// Refuses a decode model that cannot continue from the prefill model's cache: what
+/// `check_compatible` checks (layers, heads, KV heads, head_dim, rope, vocabulary), plus the
+/// dtype and device the cache lives in.
+pub fn check_two_stage(prefill_model: &Transformer, decode_model: &Transformer) -> Result<()> {
+    check_compatible(&prefill_model.config, &decode_model.config)
         .context("the decode model cannot continue from the prefill model's cache")?;
+    if prefill_model.kind() != decode_model.kind() {
+        bail!(
+            "the decode model cannot continue from the prefill model's cache: the full model is {:?}, the decoder {:?} (load both with the same dtype)",
+            prefill_model.kind(),
+            decode_model.kind()
+        );
+    }
     if prefill_model.device() != decode_model.device() {
-        bail!("prefill and decode models are on different devices");
+        bail!(
+            "the decode model cannot continue from the prefill model's cache: the full model is on {:?}, the decoder on {:?}",
+            prefill_model.device(),
+            decode_model.device()
+        );
+    }
+    Ok(())
+}
+
+/// Called with (row, token id) for every token a row generates, as soon as it is chosen.
+pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
+
+/// Two-stage generation. `prefill_model` runs the prompts and chooses the first token;
+/// `decode_model` (may be the same model) produces every later one; `decode` says how tokens
+/// are chosen and how often the prefill model refreshes the cache.
+pub fn generate(
+    prefill_model: &Transformer,
+    decode_model: &Transformer,
+    prompts: &[Vec<i64>],
+    options: &GenerateOptions,
+    decode: &DecodeOptions,
+    mut on_token: Option<OnToken>,
+) -> Result<GenerationOutput> {
+    check_two_stage(prefill_model, decode_model)?;
+    if decode.refresh_every == Some(0) {
+        bail!("refresh_every must be at least 1");
     }
     let device = prefill_model.device();
     let batch = left_pad(prompts, options.pad_token_id, device)?;
     let rows = prompts.len();
-    let mut cache = KvCache::new(p.num_hidden_layers);
+    let mut sampler = Sampler::new(decode.sampling.clone());
+    let mut cache = KvCache::new(prefill_model.config.num_hidden_layers);
     let mut output = GenerationOutput {
         token_ids: vec![vec![]; rows],
         prefill_seconds: 0.0,
         decode_seconds: 0.0,
         decode_steps: 0,
         prompt_logits: None,
+        refreshes: 0,
+        refresh_seconds: 0.0,
     };
 
     let start = Instant::now();
-    let logits = prefill_model.forward(
-        &batch.ids,
-        &batch.positions,
-        &batch.attention_mask,
-        Some(&mut cache),
-    )?;
+    let hidden = prefill_model
+        .forward_hidden(
+            &batch.ids,
+            &batch.positions,
+            &batch.attention_mask,
+            Some(&mut cache),
+        )
+        .context("prefill")?; // [B, T, D]
     let width = batch.ids.size()[1];
-    let mut next = logits.select(1, width - 1).argmax(-1, false); // [B]
+    // Left padding puts every row's last real token in the last column.
+    let last_logits = tch::no_grad(|| prefill_model.lm_head(&hidden.select(1, width - 1))); // [B, V]
+    let mut next = sampler.choose(&last_logits); // [B]
     let mut next_ids = Vec::<i64>::try_from(&next)?; // waits for the device
     output.prefill_seconds = start.elapsed().as_secs_f64();
     if options.keep_prompt_logits {
-        output.prompt_logits = Some(logits.to_kind(Kind::Float));
+        output.prompt_logits =
+            Some(tch::no_grad(|| prefill_model.lm_head(&hidden)).to_kind(Kind::Float));
     }
-    drop(logits);
+    drop((hidden, last_logits));
     if options.max_new_tokens == 0 {
         return Ok(output);
     }
@@ -157,11 +232,17 @@ pub fn greedy_two_stage(
     // Next rope position per row: its real length.
     let mut positions = mask.sum_dim_intlist(1, true, Kind::Int64); // [B, 1]
     let ones = Tensor::ones([rows as i64, 1], (Kind::Int64, device));
+    // Tokens (and their positions) the decode model has fed into the cache since the last
+    // refresh, each [B, 1]: the refresh re-runs them with the prefill model.
+    let mut fed_since_refresh: Vec<(Tensor, Tensor)> = Vec::new();
     let start = Instant::now();
     loop {
         for (row, &id) in next_ids.iter().enumerate() {
             if !finished[row] {
                 output.token_ids[row].push(id);
+                if let Some(on_token) = on_token.as_mut() {
+                    on_token(row, id);
+                }
                 if options.eos_token_ids.contains(&id)
                     || output.token_ids[row].len() >= options.max_new_tokens
                 {
@@ -180,17 +261,47 @@ pub fn greedy_two_stage(
                 .collect();
             next = Tensor::from_slice(&fed).to_device(device);
         }
-        mask = Tensor::cat(&[&mask, &ones], 1);
-        let logits = decode_model.forward(
-            &next.view([rows as i64, 1]),
-            &positions,
-            &mask,
-            Some(&mut cache),
-        )?;
-        positions += 1;
-        next = logits.select(1, 0).argmax(-1, false);
-        next_ids = Vec::<i64>::try_from(&next)?;
-        output.decode_steps += 1;
+        let next_column = next.view([rows as i64, 1]);
+        let refresh = decode
+            .refresh_every
+            .is_some_and(|k| fed_since_refresh.len() >= k);
+        if refresh {
+            let step_start = Instant::now();
+            // Rewind the cache over the decoder's slots; the prefill model writes them again,
+            // then appends the newest token and chooses the next one from its logit.
+            let redo = fed_since_refresh.len();
+            cache.truncate(cache.len() - redo)?;
+            let (mut ids, mut pos): (Vec<Tensor>, Vec<Tensor>) =
+                fed_since_refresh.drain(..).unzip();
+            ids.push(next_column);
+            pos.push(positions.shallow_clone());
+            mask = Tensor::cat(&[&mask, &ones], 1);
+            let hidden = prefill_model
+                .forward_hidden(
+                    &Tensor::cat(&ids, 1),
+                    &Tensor::cat(&pos, 1),
+                    &mask,
+                    Some(&mut cache),
+                )
+                .context("refresh by the prefill model")?;
+            let logits = tch::no_grad(|| prefill_model.lm_head(&hidden.select(1, redo as i64)));
+            next = sampler.choose(&logits);
+            next_ids = Vec::<i64>::try_from(&next)?;
+            output.refreshes += 1;
+            output.refresh_seconds += step_start.elapsed().as_secs_f64();
+        } else {
+            mask = Tensor::cat(&[&mask, &ones], 1);
+            let logits = decode_model
+                .forward(&next_column, &positions, &mask, Some(&mut cache))
+                .context("decode step")?;
+            if decode.refresh_every.is_some() {
+                fed_since_refresh.push((next_column, positions.shallow_clone()));
+            }
+            next = sampler.choose(&logits.select(1, 0));
+            next_ids = Vec::<i64>::try_from(&next)?;
+            output.decode_steps += 1;
+        }
+        positions = &positions + 1;
     }
     output.decode_seconds = start.elapsed().as_secs_f64();
     Ok(output)

@@ -120,6 +120,23 @@ impl KvCache {
         ))
     }
 
+    /// Forgets every slot from `len` on; the next forward pass writes its K/V there. Rewinding
+    /// and running another model over the same tokens is how their entries are overwritten
+    /// (`--refresh-every`: the full model replaces the K/V the decoder wrote). Storage is kept.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            bail!(
+                "cannot truncate a KV cache of {} slots to {len} slots",
+                self.len
+            );
+        }
+        self.len = len;
+        if let Some(mask) = &self.attention_mask {
+            self.attention_mask = Some(mask.narrow(1, 0, len as i64));
+        }
+        Ok(())
+    }
+
     /// Called by the model before a forward step with the mask over all slots, old and new.
     pub(crate) fn set_attention_mask(&mut self, mask: &Tensor) {
         self.attention_mask = Some(mask.shallow_clone());

@@ -6,5 +6,6 @@ pub mod config;
 pub mod generate;
 pub mod kv_cache;
 pub mod prune;
+pub mod sampling;
 pub mod train;
 pub mod transformer;
