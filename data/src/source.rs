@@ -6,13 +6,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{anyhow, bail, Context, Result};
-use arrow::array::{Array, AsArray, RecordBatch, StructArray};
-use arrow::datatypes::DataType;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::recipe::SourceSpec;
+
+mod parquet_input;
 
 /// A JSON array element larger than this means the file is not what we think it is.
 const MAX_JSON_ROW_BYTES: usize = 64 << 20;
@@ -89,7 +88,7 @@ pub fn expand_sources(sources: &[SourceSpec]) -> Result<Vec<InputFile>> {
             File::open(&path).with_context(|| format!("input file {} is not readable", path.display()))?;
             let format = if format == Format::Auto { detect_format(&path)? } else { format };
             if format == Format::Parquet {
-                check_parquet_schema(&path)?;
+                parquet_input::check_schema(&path)?;
             }
             let source = spec.name.clone().unwrap_or_else(|| default_source_name(&path));
             files.push(InputFile { path, format, source, fraction, size: meta.len() });
@@ -121,17 +120,6 @@ pub fn detect_format(path: &Path) -> Result<Format> {
         Some(b'{') => Ok(Format::Jsonl),
         _ => bail!("cannot detect the format of {} (not a JSON array, JSONL or Parquet); pass --format", path.display()),
     }
-}
-
-fn check_parquet_schema(path: &Path) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
-    let schema = builder.schema();
-    if schema.field_with_name("conversations").is_err() && schema.field_with_name("messages").is_err() {
-        bail!("Parquet file {} has neither a `conversations` nor a `messages` column", path.display());
-    }
-    Ok(())
 }
 
 /// A conversation as found in the file, roles not yet normalised.
@@ -214,7 +202,7 @@ pub fn read_file(
     match file.format {
         Format::Json => read_json_array(file, bytes_read, &mut rows),
         Format::Jsonl => read_jsonl(file, bytes_read, &mut rows),
-        Format::Parquet => read_parquet(file, bytes_read, &mut rows),
+        Format::Parquet => parquet_input::read(file, bytes_read, &mut rows),
         Format::Auto => bail!("format of {} not resolved", file.path.display()),
     }
 }
@@ -416,76 +404,6 @@ fn read_jsonl(
             rows.emit(row, Some(start), RawPayload::Json(line.clone()))?;
         }
         row += 1;
-    }
-    Ok(row)
-}
-
-fn string_value(array: &dyn Array, i: usize) -> Option<String> {
-    if array.is_null(i) {
-        return None;
-    }
-    match array.data_type() {
-        DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
-        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i).to_string()),
-        DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
-        _ => None,
-    }
-}
-
-/// Row `i` of a `list<struct<from|role, value|content>>` column.
-fn conversation_at(column: &dyn Array, i: usize) -> Result<Vec<(String, String)>, String> {
-    if column.is_null(i) {
-        return Err("conversations is null".into());
-    }
-    let turns = match column.data_type() {
-        DataType::List(_) => column.as_list::<i32>().value(i),
-        DataType::LargeList(_) => column.as_list::<i64>().value(i),
-        other => return Err(format!("conversations has type {other}, expected a list of structs")),
-    };
-    let turns: &StructArray = turns.as_struct_opt().ok_or("conversation turns are not structs")?;
-    let field = |a: &str, b: &str| turns.column_by_name(a).or_else(|| turns.column_by_name(b)).cloned();
-    let roles = field("from", "role").ok_or("turn struct has no `from`/`role` field")?;
-    let values = field("value", "content").ok_or("turn struct has no `value`/`content` field")?;
-    (0..turns.len())
-        .map(|t| {
-            let role = string_value(roles.as_ref(), t).ok_or(format!("turn {t}: role is missing or not a string"))?;
-            let value = string_value(values.as_ref(), t).ok_or(format!("turn {t}: content is missing or not a string"))?;
-            Ok((role, value))
-        })
-        .collect()
-}
-
-fn read_parquet(
-    file: &InputFile,
-    bytes_read: &AtomicU64,
-    rows: &mut RowSink,
-) -> Result<u64> {
-    let f = File::open(&file.path).with_context(|| format!("opening {}", file.path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-        .with_context(|| format!("{} is not a readable Parquet file", file.path.display()))?;
-    let total_rows = builder.metadata().file_metadata().num_rows().max(1) as u64;
-    let reader = builder.with_batch_size(1024).build()?;
-    let mut row = 0u64;
-    for batch in reader {
-        let batch: RecordBatch = batch.with_context(|| format!("decoding {} near row {row}", file.path.display()))?;
-        let column = batch
-            .column_by_name("conversations")
-            .or_else(|| batch.column_by_name("messages"))
-            .ok_or_else(|| anyhow!("{}: no conversations column", file.path.display()))?;
-        let language = ["langdetect", "language", "lang"].iter().find_map(|n| batch.column_by_name(n));
-        let system = batch.column_by_name("system_prompt");
-        for i in 0..batch.num_rows() {
-            if rows.wants(row) {
-                let decoded = conversation_at(column.as_ref(), i).map(|turns| RawConversation {
-                    turns,
-                    system_prompt: system.and_then(|c| string_value(c.as_ref(), i)),
-                    language: language.and_then(|c| string_value(c.as_ref(), i)),
-                });
-                rows.emit(row, None, RawPayload::Decoded(decoded))?;
-            }
-            row += 1;
-        }
-        bytes_read.fetch_add(file.size * batch.num_rows() as u64 / total_rows, Ordering::Relaxed);
     }
     Ok(row)
 }
