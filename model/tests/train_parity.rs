@@ -518,3 +518,50 @@ fn copy_parameters_from_overwrites_values_in_place() {
         assert!(m.contains("model.layers.9.mlp.up_proj.weight"), "{m}");
     }
 }
+
+#[test]
+fn past_in_another_dtype_is_cast_to_the_decoders() {
+    // The trainer's CUDA setup: a bf16 full model's cache read by an f32 decoder (and the
+    // reverse). The result stays close to the all-f32 loss and the gradients stay finite.
+    let case = CASES[0];
+    let refs = refs(case);
+    let batch = batch(&rows(&refs, "ragged"));
+    let expected = refs["ragged.overfill.loss_sum"].double_value(&[0]);
+    let full_f32 = load(case, "full");
+    let decoder_f32 = load(case, "decoder");
+    let dir = train_reference_dir().join(case);
+    let full_bf16 = Transformer::load(&dir.join("full"), Device::Cpu, Kind::BFloat16).unwrap();
+    let decoder_bf16 =
+        Transformer::load(&dir.join("decoder"), Device::Cpu, Kind::BFloat16).unwrap();
+    let past = full_bf16
+        .prefill_kv(
+            &batch.context_ids,
+            &batch.context_positions,
+            &batch.context_mask,
+        )
+        .unwrap();
+    assert!(past
+        .iter()
+        .all(|(k, v)| k.kind() == Kind::BFloat16 && v.kind() == Kind::BFloat16));
+    for (decoder, full) in [(&decoder_f32, &full_bf16), (&decoder_bf16, &full_f32)] {
+        decoder.set_requires_grad(true);
+        let loss = loss_sum(decoder, Some(full), &batch).unwrap();
+        assert_eq!(loss.kind(), Kind::Float);
+        let got = loss.double_value(&[]);
+        assert!(
+            (got - expected).abs() <= 0.02 * expected,
+            "{:?} decoder, {:?} full: loss sum {got} vs f32 {expected}",
+            decoder.kind(),
+            full.kind()
+        );
+        loss.backward();
+        for (name, p) in decoder.parameters() {
+            let grad = p.grad();
+            assert_eq!(grad.kind(), decoder.kind(), "{name}");
+            assert!(
+                grad.isfinite().all().int64_value(&[]) == 1,
+                "{name} has a non-finite gradient"
+            );
+        }
+    }
+}
