@@ -275,7 +275,8 @@ pub fn load_tensors(
 /// while its tensors are copied into libtorch, instead of being read whole into a buffer first,
 /// which would double the peak memory of loading.
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     // SAFETY: the map is read-only and lives only while this shard is converted; a checkpoint
     // being rewritten underneath a running load is outside what this loader supports.
     unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))

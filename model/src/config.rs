@@ -346,7 +346,8 @@ fn parse_rope(raw: &Value) -> Result<(f64, RopeScaling, RopeFormat)> {
             RopeFormat::Parameters,
         ),
         Some(params) => {
-            let theta_disagrees = matches!((legacy.theta, params.theta), (Some(a), Some(b)) if a != b);
+            let theta_disagrees =
+                matches!((legacy.theta, params.theta), (Some(a), Some(b)) if a != b);
             // A present `rope_scaling` key (null included) states the scaling.
             let scaling_disagrees =
                 raw.get("rope_scaling").is_some() && legacy.scaling != params.scaling;
@@ -411,7 +412,9 @@ fn check_unimplemented_settings(raw: &Value, model_type: ModelType) -> Result<()
     match raw.get("hidden_act") {
         None | Some(Value::Null) => {}
         Some(Value::String(act)) if act == "silu" => {}
-        Some(other) => bail!("unsupported hidden_act {other} in config key \"hidden_act\" (only \"silu\")"),
+        Some(other) => {
+            bail!("unsupported hidden_act {other} in config key \"hidden_act\" (only \"silu\")")
+        }
     }
     match (model_type, get_bool(raw, "attention_bias")?) {
         // Llama's attention_bias also puts a bias on o_proj; no released Llama 3 uses it.
@@ -591,7 +594,10 @@ impl ModelConfig {
         for key in ["rope_theta", "rope_scaling", "rope_parameters"] {
             out.remove(key);
         }
-        let legacy = matches!(self.rope_format, RopeFormat::ThetaAndScaling | RopeFormat::Both);
+        let legacy = matches!(
+            self.rope_format,
+            RopeFormat::ThetaAndScaling | RopeFormat::Both
+        );
         let parameters = matches!(self.rope_format, RopeFormat::Parameters | RopeFormat::Both);
         if unchanged {
             for key in ["rope_theta", "rope_scaling", "rope_parameters"] {
@@ -616,7 +622,6 @@ impl ModelConfig {
         }
         Value::Object(out)
     }
-
 
     /// Every parameter tensor of the checkpoint with its HF name and shape, in HF's order.
     /// `lm_head.weight` is listed only when the embeddings are not tied.

@@ -96,7 +96,10 @@ fn five_x_configs_give_transformers_logits() {
         );
         let ours = prompt_logits(&model, &refs["prompt_ids"]);
         let diff = max_abs_diff(&ours, &refs["prompt_logits"]);
-        assert!(diff <= TOL, "{case}: 5.x config logits differ from transformers (4.x keys) by {diff}");
+        assert!(
+            diff <= TOL,
+            "{case}: 5.x config logits differ from transformers (4.x keys) by {diff}"
+        );
 
         // The test can see a dropped rope_parameters: without it (theta 10000, no scaling) the
         // logits are far from transformers'.
@@ -107,7 +110,10 @@ fn five_x_configs_give_transformers_logits() {
         });
         let wrong = prompt_logits(&load(dropped.path()), &refs["prompt_ids"]);
         let wrong_diff = max_abs_diff(&wrong, &refs["prompt_logits"]);
-        assert!(wrong_diff > 100.0 * TOL, "{case}: rope settings do not show in the logits ({wrong_diff})");
+        assert!(
+            wrong_diff > 100.0 * TOL,
+            "{case}: rope settings do not show in the logits ({wrong_diff})"
+        );
     }
 }
 
@@ -123,7 +129,10 @@ fn both_spellings_must_agree() {
     });
     let model = load(both.path());
     assert_eq!(model.config.rope_format, RopeFormat::Both);
-    let diff = max_abs_diff(&prompt_logits(&model, &refs["prompt_ids"]), &refs["prompt_logits"]);
+    let diff = max_abs_diff(
+        &prompt_logits(&model, &refs["prompt_ids"]),
+        &refs["prompt_logits"],
+    );
     assert!(diff <= TOL, "{diff}");
     let written = model.config.to_hf_json();
     let source = read_json(&both.path().join("config.json"));
@@ -162,22 +171,102 @@ fn both_spellings_must_agree() {
 /// numerics and are not implemented.
 fn unsupported_settings() -> Vec<(&'static str, Box<dyn Fn(&mut Value)>, &'static str)> {
     vec![
-        ("llama3_tied", Box::new(|c: &mut Value| c["rope_parameters"]["rope_type"] = json!("yarn")), "unsupported rope_type \"yarn\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["rope_parameters"]["rope_type"] = json!("longrope")), "rope_parameters.rope_type"),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})), "unsupported rope_type \"linear\""),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["rope_parameters"] = json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})), "rope_parameters.rope_type"),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["rope_parameters"]["factor"] = json!(4.0)), "rope_parameters.factor"),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["rope_parameters"]["partial_rotary_factor"] = json!(0.5)), "partial_rotary_factor"),
-        ("qwen2_bias", Box::new(|c: &mut Value| { c["use_sliding_window"] = json!(true); c["sliding_window"] = json!(4); }), "\"use_sliding_window\" = true"),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["layer_types"][1] = json!("sliding_attention")), "\"layer_types\""),
-        ("qwen2_bias", Box::new(|c: &mut Value| c["attention_bias"] = json!(false)), "\"attention_bias\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["attention_bias"] = json!(true)), "\"attention_bias\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["mlp_bias"] = json!(true)), "\"mlp_bias\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["hidden_act"] = json!("gelu")), "\"hidden_act\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["attention_dropout"] = json!(0.1)), "\"attention_dropout\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["architectures"] = json!(["LlamaForSequenceClassification"])), "\"architectures\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["quantization_config"] = json!({"quant_method": "bitsandbytes"})), "\"quantization_config\""),
-        ("llama3_tied", Box::new(|c: &mut Value| c["rope_parameters"] = json!({"full_attention": {"rope_type": "default", "rope_theta": 1e4}})), "rope_parameters"),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["rope_parameters"]["rope_type"] = json!("yarn")),
+            "unsupported rope_type \"yarn\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["rope_parameters"]["rope_type"] = json!("longrope")),
+            "rope_parameters.rope_type",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| {
+                c["rope_parameters"] =
+                    json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
+            }),
+            "unsupported rope_type \"linear\"",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| {
+                c["rope_parameters"] =
+                    json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})
+            }),
+            "rope_parameters.rope_type",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| c["rope_parameters"]["factor"] = json!(4.0)),
+            "rope_parameters.factor",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| c["rope_parameters"]["partial_rotary_factor"] = json!(0.5)),
+            "partial_rotary_factor",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| {
+                c["use_sliding_window"] = json!(true);
+                c["sliding_window"] = json!(4);
+            }),
+            "\"use_sliding_window\" = true",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| c["layer_types"][1] = json!("sliding_attention")),
+            "\"layer_types\"",
+        ),
+        (
+            "qwen2_bias",
+            Box::new(|c: &mut Value| c["attention_bias"] = json!(false)),
+            "\"attention_bias\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["attention_bias"] = json!(true)),
+            "\"attention_bias\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["mlp_bias"] = json!(true)),
+            "\"mlp_bias\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["hidden_act"] = json!("gelu")),
+            "\"hidden_act\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| c["attention_dropout"] = json!(0.1)),
+            "\"attention_dropout\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| {
+                c["architectures"] = json!(["LlamaForSequenceClassification"])
+            }),
+            "\"architectures\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| {
+                c["quantization_config"] = json!({"quant_method": "bitsandbytes"})
+            }),
+            "\"quantization_config\"",
+        ),
+        (
+            "llama3_tied",
+            Box::new(|c: &mut Value| {
+                c["rope_parameters"] =
+                    json!({"full_attention": {"rope_type": "default", "rope_theta": 1e4}})
+            }),
+            "rope_parameters",
+        ),
     ]
 }
 
@@ -190,7 +279,10 @@ fn unimplemented_settings_are_errors_naming_the_key() {
             c
         });
         let err = load_error(dir.path());
-        assert!(err.contains("config.json") && err.contains(needle), "{case} {needle}: {err}");
+        assert!(
+            err.contains("config.json") && err.contains(needle),
+            "{case} {needle}: {err}"
+        );
     }
     // The same in the 4.x spelling.
     let dir = copy_case("llama3_tied", |c| {
@@ -199,7 +291,10 @@ fn unimplemented_settings_are_errors_naming_the_key() {
         c
     });
     let err = load_error(dir.path());
-    assert!(err.contains("unsupported rope_type \"dynamic\"") && err.contains("rope_scaling.rope_type"), "{err}");
+    assert!(
+        err.contains("unsupported rope_type \"dynamic\"") && err.contains("rope_scaling.rope_type"),
+        "{err}"
+    );
     // Settings with no numerical effect in transformers 4.57 are accepted.
     let dir = copy_case("llama3_tied", |c| {
         let mut c = to_5x(c);
@@ -214,7 +309,10 @@ fn unimplemented_settings_are_errors_naming_the_key() {
 fn saved_configs_keep_the_source_spelling_and_prune_only_widths() {
     let out = tempfile::tempdir().unwrap();
     for case in ["llama3_tied", "qwen2_bias"] {
-        for (label, edit) in [("4x", (|c: &Value| c.clone()) as fn(&Value) -> Value), ("5x", to_5x)] {
+        for (label, edit) in [
+            ("4x", (|c: &Value| c.clone()) as fn(&Value) -> Value),
+            ("5x", to_5x),
+        ] {
             let src = copy_case(case, edit);
             let source = read_json(&src.path().join("config.json"));
             let model = load(src.path());
@@ -236,7 +334,10 @@ fn saved_configs_keep_the_source_spelling_and_prune_only_widths() {
                 .filter(|k| source.get(k.as_str()).is_none())
                 .collect();
             let allowed = ["head_dim", "attention_bias", "hidden_act", "torch_dtype"];
-            assert!(extra.iter().all(|k| allowed.contains(&k.as_str())), "{case} {label}: added {extra:?}");
+            assert!(
+                extra.iter().all(|k| allowed.contains(&k.as_str())),
+                "{case} {label}: added {extra:?}"
+            );
 
             // A saved checkpoint: same spelling, loads back to the same rope, ordinary file modes.
             let dir = out.path().join(format!("{case}-{label}"));
@@ -247,7 +348,10 @@ fn saved_configs_keep_the_source_spelling_and_prune_only_widths() {
             }
             let reloaded = load_config(&dir).unwrap();
             assert_eq!(reloaded.rope_format, model.config.rope_format);
-            assert_eq!((reloaded.rope_theta, reloaded.rope_scaling), (model.config.rope_theta, model.config.rope_scaling));
+            assert_eq!(
+                (reloaded.rope_theta, reloaded.rope_scaling),
+                (model.config.rope_theta, model.config.rope_scaling)
+            );
             check_ordinary_file_modes(&dir, out.path());
         }
     }
@@ -256,7 +360,10 @@ fn saved_configs_keep_the_source_spelling_and_prune_only_widths() {
     let mut config = load_config(src.path()).unwrap();
     config.rope_theta = 2e6;
     let written = config.to_hf_json();
-    assert_eq!(written["rope_parameters"], json!({"rope_type": "default", "rope_theta": 2e6}));
+    assert_eq!(
+        written["rope_parameters"],
+        json!({"rope_type": "default", "rope_theta": 2e6})
+    );
     assert!(written.get("rope_theta").is_none() && written.get("rope_scaling").is_none());
     let again = ModelConfig::from_json_str(&written.to_string()).unwrap();
     assert_eq!(again.rope_theta, 2e6);
@@ -272,7 +379,12 @@ fn check_ordinary_file_modes(dir: &Path, scratch: &Path) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path: PathBuf = entry.unwrap().path();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, expected, "{}: mode {mode:o}, a new file gets {expected:o}", path.display());
+        assert_eq!(
+            mode,
+            expected,
+            "{}: mode {mode:o}, a new file gets {expected:o}",
+            path.display()
+        );
     }
 }
 
@@ -301,11 +413,21 @@ fn real_configs_read_their_rope_parameters() {
         match (config.rope_scaling, factor) {
             (RopeScaling::None, None) => {}
             (
-                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings },
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                },
                 Some(expected),
             ) => {
                 assert_eq!(
-                    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
+                    (
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings
+                    ),
                     (expected, 1.0, 4.0, 8192),
                     "{name}"
                 );
@@ -313,9 +435,19 @@ fn real_configs_read_their_rope_parameters() {
             (other, _) => panic!("{name}: {other:?}"),
         }
         // Every key of the real configs is decided (see the table in config.rs).
-        assert!(config.unread_keys().is_empty(), "{name}: {:?}", config.unread_keys());
+        assert!(
+            config.unread_keys().is_empty(),
+            "{name}: {:?}",
+            config.unread_keys()
+        );
         let written = config.to_hf_json();
-        assert_eq!(written["rope_parameters"], source["rope_parameters"], "{name}");
-        assert!(written.get("rope_theta").is_none() && written.get("rope_scaling").is_none(), "{name}");
+        assert_eq!(
+            written["rope_parameters"], source["rope_parameters"],
+            "{name}"
+        );
+        assert!(
+            written.get("rope_theta").is_none() && written.get("rope_scaling").is_none(),
+            "{name}"
+        );
     }
 }

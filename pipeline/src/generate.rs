@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use overfill_data::tokenize::{check_ids_in_vocab, load_tokenizer, vocab_overflow_warning};
-use overfill_model::checkpoint::{dtype_name, load_config, parse_device, parse_dtype, resolve_model_dir};
+use overfill_model::checkpoint::{
+    dtype_name, load_config, parse_device, parse_dtype, resolve_model_dir,
+};
 use overfill_model::generate::{greedy, GenerateOptions};
 use overfill_model::transformer::Transformer;
 use serde_json::json;
@@ -64,7 +66,12 @@ fn parse_ids(s: &str) -> Result<Vec<i64>> {
 
 /// RoPE positions past `max_position_embeddings` are outside what the model was trained on:
 /// the output degrades without any error, so say so (or refuse with --strict).
-fn check_positions(prompt_len: usize, max_new_tokens: usize, max_positions: usize, strict: bool) -> Result<()> {
+fn check_positions(
+    prompt_len: usize,
+    max_new_tokens: usize,
+    max_positions: usize,
+    strict: bool,
+) -> Result<()> {
     let problem = if prompt_len > max_positions {
         format!("the prompt has {prompt_len} tokens, more than the model's max_position_embeddings {max_positions}")
     } else if prompt_len + max_new_tokens > max_positions {
@@ -98,7 +105,10 @@ pub fn run(args: Args) -> Result<()> {
     let tokenizer = match &args.prompt {
         Some(_) => {
             if !tokenizer_path.is_file() {
-                bail!("--prompt needs {} (or pass --prompt-ids)", tokenizer_path.display());
+                bail!(
+                    "--prompt needs {} (or pass --prompt-ids)",
+                    tokenizer_path.display()
+                );
             }
             let tokenizer = load_tokenizer(&tokenizer_path)?;
             if let Some(warning) =
@@ -117,18 +127,29 @@ pub fn run(args: Args) -> Result<()> {
                 .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
             // Text can encode to an id past the embedding table (a special token such as
             // Llama 3.2's <|image|>): refuse it here, naming the token.
-            check_ids_in_vocab(encoding.get_ids(), config.vocab_size, Some(tok), "the prompt")?;
+            check_ids_in_vocab(
+                encoding.get_ids(),
+                config.vocab_size,
+                Some(tok),
+                "the prompt",
+            )?;
             encoding.get_ids().iter().map(|&id| id as i64).collect()
         }
         (_, Some(ids), _) => {
             let ids = parse_ids(ids)?;
             if let Some(&id) = ids.iter().find(|&&id| id < 0 || id > u32::MAX as i64) {
-                bail!("--prompt-ids has token id {id}, outside the model's vocabulary 0..{}", config.vocab_size);
+                bail!(
+                    "--prompt-ids has token id {id}, outside the model's vocabulary 0..{}",
+                    config.vocab_size
+                );
             }
             let as_u32: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
             if as_u32.iter().any(|&id| id as usize >= config.vocab_size) {
                 // Name the token when the model folder has a tokenizer.
-                let tok = tokenizer_path.is_file().then(|| load_tokenizer(&tokenizer_path).ok()).flatten();
+                let tok = tokenizer_path
+                    .is_file()
+                    .then(|| load_tokenizer(&tokenizer_path).ok())
+                    .flatten();
                 check_ids_in_vocab(&as_u32, config.vocab_size, tok.as_ref(), "--prompt-ids")?;
             }
             ids
@@ -138,7 +159,12 @@ pub fn run(args: Args) -> Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt has no tokens");
     }
-    check_positions(prompt_ids.len(), args.max_new_tokens, config.max_position_embeddings, args.strict)?;
+    check_positions(
+        prompt_ids.len(),
+        args.max_new_tokens,
+        config.max_position_embeddings,
+        args.strict,
+    )?;
 
     let model = Transformer::load(&dir, device, dtype)
         .with_context(|| format!("loading model {}", dir.display()))?;

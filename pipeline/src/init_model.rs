@@ -48,9 +48,7 @@ pub fn run(args: Args) -> Result<()> {
             let tokenizer = overfill_data::tokenize::load_tokenizer(&json)?;
             // Real tokenizers sometimes carry extra special tokens past the model's vocabulary
             // (Llama 3.2's <|image|>): fine to ship, every command refuses text encoding to them.
-            if let Some(warning) =
-                vocab_overflow_warning(&tokenizer, config.vocab_size, &json)
-            {
+            if let Some(warning) = vocab_overflow_warning(&tokenizer, config.vocab_size, &json) {
                 eprintln!("{warning}");
             }
             let mut files = vec![json.clone()];

@@ -8,11 +8,16 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{case_model_dir, case_refs, max_abs_diff, model_ref, read_refs, repo_root, to_vec_i64};
+use common::{
+    case_model_dir, case_refs, max_abs_diff, model_ref, read_refs, repo_root, to_vec_i64,
+};
 use serde_json::{json, Value};
 
 fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -21,15 +26,25 @@ fn stderr(out: &Output) -> String {
 
 fn ok(args: &[&str]) -> Output {
     let out = overfill(args);
-    assert!(out.status.success(), "overfill {args:?} failed:\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "overfill {args:?} failed:\n{}",
+        stderr(&out)
+    );
     out
 }
 
 fn fails(args: &[&str]) -> String {
     let out = overfill(args);
     let err = stderr(&out);
-    assert!(!out.status.success(), "overfill {args:?} should fail:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
+    assert!(
+        !out.status.success(),
+        "overfill {args:?} should fail:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error:\n{err}"
+    );
     err
 }
 
@@ -58,9 +73,18 @@ fn to_5x(config: &Value) -> Value {
 /// And back: the 4.x spelling of a 5.x config, for transformers 4.57 to read.
 fn to_4x(config: &Value) -> Value {
     let mut out = config.as_object().unwrap().clone();
-    let mut params = out.remove("rope_parameters").unwrap().as_object().unwrap().clone();
+    let mut params = out
+        .remove("rope_parameters")
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .clone();
     out.insert("rope_theta".into(), params.remove("rope_theta").unwrap());
-    let scaling = if params["rope_type"] == "default" { Value::Null } else { Value::Object(params) };
+    let scaling = if params["rope_type"] == "default" {
+        Value::Null
+    } else {
+        Value::Object(params)
+    };
     out.insert("rope_scaling".into(), scaling);
     Value::Object(out)
 }
@@ -84,7 +108,9 @@ fn write_calibration_data(path: &Path, rows: usize, vocab: u64) {
         state ^= state << 17;
         state
     };
-    let data: Vec<Vec<u64>> = (0..rows).map(|_| (0..5 + next() % 36).map(|_| next() % vocab).collect()).collect();
+    let data: Vec<Vec<u64>> = (0..rows)
+        .map(|_| (0..5 + next() % 36).map(|_| next() % vocab).collect())
+        .collect();
     std::fs::write(path, serde_json::to_string(&data).unwrap()).unwrap();
 }
 
@@ -98,7 +124,12 @@ fn assert_ordinary_file_modes(dir: &Path) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path: PathBuf = entry.unwrap().path();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, expected, "{}: mode {mode:o}, a new file gets {expected:o}", path.display());
+        assert_eq!(
+            mode,
+            expected,
+            "{}: mode {mode:o}, a new file gets {expected:o}",
+            path.display()
+        );
     }
 }
 
@@ -120,17 +151,47 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
         let source = to_5x(&read_json(&model.join("config.json")));
         write_json(&model.join("config.json"), &source);
         let out = tmp.path().join(format!("{case}-pruned"));
-        let run = ok(&[
-            "calibrate-prune", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
-            "--calib-size", "16", "--batch-size", "8", "--max-seq-len", "32", "--device", "cpu", "--dtype", "f32",
-            "--width-hidden", "0.25", "--width-intermediate", "0.5", "--out", out.to_str().unwrap(), "--json",
+        ok(&[
+            "calibrate-prune",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--calib-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--max-seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--width-hidden",
+            "0.25",
+            "--width-intermediate",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
         ]);
-        assert!(!stderr(&run).contains("warning: "), "{case}: {}", stderr(&run));
         let pruned = read_json(&out.join("config.json"));
         // RoPE settings equal the input's: same keys, same values, nothing in the 4.x spelling.
-        assert_eq!(pruned["rope_parameters"], source["rope_parameters"], "{case}");
-        assert!(pruned.get("rope_theta").is_none() && pruned.get("rope_scaling").is_none(), "{case}: {pruned}");
-        assert_eq!((pruned["hidden_size"].clone(), pruned["intermediate_size"].clone()), (json!(48), json!(48)));
+        assert_eq!(
+            pruned["rope_parameters"], source["rope_parameters"],
+            "{case}"
+        );
+        assert!(
+            pruned.get("rope_theta").is_none() && pruned.get("rope_scaling").is_none(),
+            "{case}: {pruned}"
+        );
+        assert_eq!(
+            (
+                pruned["hidden_size"].clone(),
+                pruned["intermediate_size"].clone()
+            ),
+            (json!(48), json!(48))
+        );
         assert_ordinary_file_modes(&out);
 
         // The pruned 5.x checkpoint runs with those settings: our logits equal transformers' on
@@ -141,8 +202,15 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
         for_transformers.push(as_4x);
         let logits = tmp.path().join(format!("{case}-logits.safetensors"));
         ok(&[
-            "generate", "--model", out.to_str().unwrap(), "--prompt-ids", &ids_arg, "--max-new-tokens", "1",
-            "--logits", logits.to_str().unwrap(),
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg,
+            "--max-new-tokens",
+            "1",
+            "--logits",
+            logits.to_str().unwrap(),
         ]);
         ours.push(read_refs(&logits).remove("logits").unwrap());
     }
@@ -153,7 +221,10 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
     let refs = read_refs(&refs_file);
     for (i, ours) in ours.iter().enumerate() {
         let diff = max_abs_diff(ours, &refs[&format!("logits_{i}")]);
-        assert!(diff <= 1e-4, "pruned checkpoint {i}: logits differ from transformers by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "pruned checkpoint {i}: logits differ from transformers by {diff}"
+        );
     }
 }
 
@@ -161,21 +232,47 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
 fn unsupported_settings_fail_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let edits: [(&str, fn(&mut Value), &str); 3] = [
-        ("yarn", |c| c["rope_parameters"]["rope_type"] = json!("yarn"), "rope_parameters.rope_type"),
-        ("sliding", |c| c["use_sliding_window"] = json!(true), "use_sliding_window"),
+        (
+            "yarn",
+            |c| c["rope_parameters"]["rope_type"] = json!("yarn"),
+            "rope_parameters.rope_type",
+        ),
+        (
+            "sliding",
+            |c| c["use_sliding_window"] = json!(true),
+            "use_sliding_window",
+        ),
         ("mlp-bias", |c| c["mlp_bias"] = json!(true), "mlp_bias"),
     ];
     for (label, edit, key) in edits {
-        let case = if label == "sliding" { "qwen2_bias" } else { "llama3_tied" };
+        let case = if label == "sliding" {
+            "qwen2_bias"
+        } else {
+            "llama3_tied"
+        };
         let model = tmp.path().join(label);
         copy_dir(&case_model_dir(case), &model);
         let mut config = to_5x(&read_json(&model.join("config.json")));
         edit(&mut config);
         write_json(&model.join("config.json"), &config);
-        let err = fails(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1,2,3"]);
-        assert!(err.contains(key) && err.contains("config.json"), "{label}: {err}");
-        let err = fails(&["init-model", "--config", model.join("config.json").to_str().unwrap(), "--out",
-            tmp.path().join(format!("{label}-init")).to_str().unwrap()]);
+        let err = fails(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2,3",
+        ]);
+        assert!(
+            err.contains(key) && err.contains("config.json"),
+            "{label}: {err}"
+        );
+        let err = fails(&[
+            "init-model",
+            "--config",
+            model.join("config.json").to_str().unwrap(),
+            "--out",
+            tmp.path().join(format!("{label}-init")).to_str().unwrap(),
+        ]);
         assert!(err.contains(key), "{label}: {err}");
     }
 }
@@ -202,27 +299,85 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     .unwrap();
     let model = tmp.path().join("model");
     let model_s = model.to_str().unwrap();
-    let warned = |err: &str| err.contains("warning") && err.contains("128256") && err.contains("<|image|>");
+    let warned =
+        |err: &str| err.contains("warning") && err.contains("128256") && err.contains("<|image|>");
     let init = ok(&[
-        "init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--seed", "3", "--std", "0.5",
-        "--tokenizer", tokenizer.to_str().unwrap(), "--dtype", "BF16",
+        "init-model",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model_s,
+        "--seed",
+        "3",
+        "--std",
+        "0.5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--dtype",
+        "BF16",
     ]);
     assert!(warned(&stderr(&init)), "init-model: {}", stderr(&init));
-    assert!(stderr(&init).contains("bf16") && !stderr(&init).contains("BF16"), "{}", stderr(&init));
+    assert!(
+        stderr(&init).contains("bf16") && !stderr(&init).contains("BF16"),
+        "{}",
+        stderr(&init)
+    );
     let saved = read_json(&model.join("config.json"));
-    assert_eq!(saved["rope_parameters"], read_json(&config)["rope_parameters"]);
+    assert_eq!(
+        saved["rope_parameters"],
+        read_json(&config)["rope_parameters"]
+    );
     assert_ordinary_file_modes(&model);
     // Again over the same folder: the copied (read-only) fixture files are replaceable.
-    ok(&["init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--tokenizer", tokenizer.to_str().unwrap()]);
+    ok(&[
+        "init-model",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model_s,
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ]);
 
     // Ordinary text works, with the same warning at load.
-    let run = ok(&["generate", "--model", model_s, "--prompt", "The quick brown fox", "--max-new-tokens", "2", "--json"]);
+    let run = ok(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
     assert!(warned(&stderr(&run)), "generate: {}", stderr(&run));
     // Text that encodes to <|image|> is refused where it is encoded, naming the token.
-    let err = fails(&["generate", "--model", model_s, "--prompt", "Describe <|image|> please", "--max-new-tokens", "2"]);
-    assert!(err.contains("<|image|>") && err.contains("128256") && err.contains("the prompt"), "{err}");
-    let err = fails(&["generate", "--model", model_s, "--prompt-ids", "128000,128256", "--max-new-tokens", "2"]);
-    assert!(err.contains("<|image|>") && err.contains("--prompt-ids"), "{err}");
+    let err = fails(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt",
+        "Describe <|image|> please",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(
+        err.contains("<|image|>") && err.contains("128256") && err.contains("the prompt"),
+        "{err}"
+    );
+    let err = fails(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt-ids",
+        "128000,128256",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(
+        err.contains("<|image|>") && err.contains("--prompt-ids"),
+        "{err}"
+    );
 
     // calibrate-prune agrees: the same pair only warns, and data holding the id is refused
     // naming the token.
@@ -230,20 +385,53 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     write_calibration_data(&data, 8, 128000);
     let args = |data: &Path, out: &Path| -> Vec<String> {
         [
-            "calibrate-prune", "--model", model_s, "--data", data.to_str().unwrap(), "--calib-size", "8",
-            "--batch-size", "4", "--max-seq-len", "16", "--device", "cpu", "--dtype", "f32",
-            "--width-hidden", "0.5", "--width-intermediate", "0.5", "--out", out.to_str().unwrap(),
+            "calibrate-prune",
+            "--model",
+            model_s,
+            "--data",
+            data.to_str().unwrap(),
+            "--calib-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-seq-len",
+            "16",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--width-hidden",
+            "0.5",
+            "--width-intermediate",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
         ]
         .map(String::from)
         .to_vec()
     };
     let pruned = tmp.path().join("pruned");
-    let run = ok(&args(&data, &pruned).iter().map(String::as_str).collect::<Vec<_>>());
+    let run = ok(&args(&data, &pruned)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
     assert!(warned(&stderr(&run)), "calibrate-prune: {}", stderr(&run));
-    assert_eq!(read_json(&pruned.join("config.json"))["rope_parameters"], saved["rope_parameters"]);
+    assert_eq!(
+        read_json(&pruned.join("config.json"))["rope_parameters"],
+        saved["rope_parameters"]
+    );
     let bad = tmp.path().join("bad.json");
-    std::fs::write(&bad, "[[128000, 9906, 128256, 13], [128000, 9906], [1, 2], [3, 4]]").unwrap();
-    let err = fails(&args(&bad, &tmp.path().join("pruned-bad")).iter().map(String::as_str).collect::<Vec<_>>());
+    std::fs::write(
+        &bad,
+        "[[128000, 9906, 128256, 13], [128000, 9906], [1, 2], [3, 4]]",
+    )
+    .unwrap();
+    let err = fails(
+        &args(&bad, &tmp.path().join("pruned-bad"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert!(err.contains("<|image|>") && err.contains("128256"), "{err}");
 }
 
@@ -256,21 +444,77 @@ fn generate_warns_past_max_positions_refuses_with_strict_and_echoes_canonical_dt
     config["max_position_embeddings"] = json!(8);
     write_json(&model.join("config.json"), &config);
     let refs = case_refs("llama3_tied");
-    let prompt: Vec<String> = to_vec_i64(&refs["prompt_ids"]).iter().map(i64::to_string).collect();
+    let prompt: Vec<String> = to_vec_i64(&refs["prompt_ids"])
+        .iter()
+        .map(i64::to_string)
+        .collect();
     assert!(prompt.len() > 8);
     let prompt = prompt.join(",");
     let model_s = model.to_str().unwrap();
-    let run = ok(&["generate", "--model", model_s, "--prompt-ids", &prompt, "--max-new-tokens", "2", "--json",
-        "--dtype", "BF16", "--device", "CPU"]);
+    let run = ok(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt-ids",
+        &prompt,
+        "--max-new-tokens",
+        "2",
+        "--json",
+        "--dtype",
+        "BF16",
+        "--device",
+        "CPU",
+    ]);
     let err = stderr(&run);
-    assert!(err.contains("warning") && err.contains("max_position_embeddings 8") && err.contains("11 tokens"), "{err}");
+    assert!(
+        err.contains("warning")
+            && err.contains("max_position_embeddings 8")
+            && err.contains("11 tokens"),
+        "{err}"
+    );
     let out: Value = serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim()).unwrap();
-    assert_eq!((out["dtype"].as_str(), out["device"].as_str()), (Some("bf16"), Some("cpu")));
-    let err = fails(&["generate", "--model", model_s, "--prompt-ids", &prompt, "--max-new-tokens", "2", "--strict"]);
-    assert!(err.contains("max_position_embeddings 8") && err.contains("--strict"), "{err}");
+    assert_eq!(
+        (out["dtype"].as_str(), out["device"].as_str()),
+        (Some("bf16"), Some("cpu"))
+    );
+    let err = fails(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt-ids",
+        &prompt,
+        "--max-new-tokens",
+        "2",
+        "--strict",
+    ]);
+    assert!(
+        err.contains("max_position_embeddings 8") && err.contains("--strict"),
+        "{err}"
+    );
     // Prompt within the limit but generation past it: warned, refused with --strict.
-    let err = fails(&["generate", "--model", model_s, "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--strict"]);
-    assert!(err.contains("--max-new-tokens 6") && err.contains("max_position_embeddings 8"), "{err}");
-    let run = ok(&["generate", "--model", model_s, "--prompt-ids", "5,6,7", "--max-new-tokens", "5", "--strict"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "6",
+        "--strict",
+    ]);
+    assert!(
+        err.contains("--max-new-tokens 6") && err.contains("max_position_embeddings 8"),
+        "{err}"
+    );
+    let run = ok(&[
+        "generate",
+        "--model",
+        model_s,
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "5",
+        "--strict",
+    ]);
     assert!(!stderr(&run).contains("warning"), "{}", stderr(&run));
 }
