@@ -83,7 +83,9 @@ save_steps = 0
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-cli-{}", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_fixtures_of_finished_runs(tmp);
+        let dir = tmp.join(format!("train-cli-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         overfill_ok(&dir, &["synth-data", "--tokenizer-out", "tok"]);
@@ -95,6 +97,20 @@ fn fixture() -> &'static Path {
         overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
         dir
     })
+}
+
+/// Fixture folders of earlier test processes that are gone (there is no teardown for a shared
+/// fixture; a concurrent run's folder is left alone).
+fn remove_fixtures_of_finished_runs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.strip_prefix("train-cli-").and_then(|p| p.parse::<u32>().ok()) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// One trained run (4 steps, overfill) shared by the tests that only read it.
@@ -168,6 +184,27 @@ fn resume_ends_with_the_same_decoder_as_an_uninterrupted_run() {
     }
     assert!(whole.join("recipe.toml").is_file());
     assert!(std::fs::read_dir(&whole).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+
+    // TensorBoard's own reader sees each step once, although steps 1..3 were logged by another
+    // process, and the scalars of issue 8.
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/read_events.py"))
+        .arg(&halves)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(out.status.success(), "read_events.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = |tag: &str| -> Vec<u64> {
+        events["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag} in {events}")).iter().map(|e| e[0].as_u64().unwrap()).collect()
+    };
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/skipped_steps", "memory/rss_mib"] {
+        assert_eq!(steps(tag), (1..=6).collect::<Vec<_>>(), "{tag}");
+    }
+    assert_eq!(steps("eval/loss"), [3, 6], "validation at the end of each part");
+    let logged: Vec<f64> = events["scalars"]["train/loss"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();
+    for ((_, loss, _), tb) in train_losses(&whole).iter().zip(&logged) {
+        assert!((loss - tb).abs() <= 1e-6 * loss.abs(), "event file loss {tb} vs step log {loss}");
+    }
 
     // The same folder again without --resume, or with another recipe: refused, nothing touched.
     let before = bytes(whole.join("final/model.safetensors"));

@@ -94,6 +94,13 @@ pub fn inspect(settings: &Settings) -> Result<Existing> {
             }
         );
     }
+    if settings.resume && checkpoint.is_none() && out.join(FINAL_DIR).exists() {
+        bail!(
+            "--resume: the run in {} finished (it has {FINAL_DIR}/) and left no checkpoint to continue from; \
+             choose another --out to train again",
+            out.display()
+        );
+    }
     Ok(Existing::SameRun { checkpoint: if settings.resume { checkpoint } else { None } })
 }
 

@@ -185,6 +185,23 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         return Ok(());
     }
 
+    if is_writer {
+        eprintln!(
+            "{:?} training of {} ({} parameters{}): {} train rows, {steps_per_epoch} steps per epoch × {} epochs = {total_steps} steps \
+             (global batch {} rows = {} per device × {} accumulation × {} ranks), warmup {warmup}; steps {}..{end_step} on {device:?} in {kind:?}",
+            t.mode,
+            settings.decoder.display(),
+            decoder.config.param_count(),
+            settings.full.as_ref().map(|f| format!(", frozen full model {}", f.display())).unwrap_or_default(),
+            train.len(),
+            t.num_epochs,
+            settings.global_batch_rows(reducer.world_size()),
+            t.per_device_batch_size,
+            t.gradient_accumulation_steps,
+            reducer.world_size(),
+            start_step + 1,
+        );
+    }
     let loader = Loader::spawn(
         train,
         LoaderConfig {
