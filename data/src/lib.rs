@@ -8,6 +8,8 @@
 //! - [`tokenize`]: tokenizer loading and the context/target split on token ids.
 //! - [`shard`], [`manifest`]: Parquet shards, statistics, `manifest.json`.
 //! - [`preprocess`]: the stage itself (streaming, parallel, resumable).
+//! - [`out_lock`], [`owned_files`]: one run per output folder at a time, and only files a stage
+//!   created are ever deleted or replaced (shared with calibrate-prune and training).
 //! - [`reader`]: random access, length-grouped batches, rank sharding, calibration samples.
 //! - [`synth`]: synthetic datasets and a tiny byte-level tokenizer for tests and the demo.
 //! - [`recipe`]: the data part of `configs/*.toml`.
@@ -15,6 +17,8 @@ pub mod conversation;
 pub mod filter;
 pub mod manifest;
 pub mod order;
+pub mod out_lock;
+pub mod owned_files;
 pub mod preprocess;
 pub mod reader;
 pub mod recipe;

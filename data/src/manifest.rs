@@ -1,12 +1,14 @@
 //! `manifest.json`: what a shard folder holds and how it was made.
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{write_atomic, Stats};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Where a run keeps its work until it finishes (see `preprocess`).
+pub const WORK_DIR: &str = ".partial";
 /// Bump when the shard layout or the processing changes meaning (old folders then rebuild).
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -72,13 +74,41 @@ pub struct Manifest {
     pub train: SplitEntry,
     pub val: SplitEntry,
     pub created_unix: u64,
+    /// Set when the run failed (e.g. too many malformed rows): why. Such a folder holds no
+    /// shards, only the counts and the malformed samples, and [`Manifest::load`] refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 impl Manifest {
+    /// The manifest of a finished shard folder. Refuses the manifest of a failed run, with its
+    /// reason: what every later stage reads.
     pub fn load(dir: &Path) -> Result<Manifest> {
+        let manifest = Manifest::load_any(dir)?;
+        if let Some(reason) = &manifest.failed {
+            bail!(
+                "{} is the output of a failed preprocess run and holds no shards: {reason} (fix the input or the limit and run preprocess again)",
+                dir.display()
+            );
+        }
+        Ok(manifest)
+    }
+
+    /// The manifest whether or not its run failed (for preprocess itself and for inspecting the
+    /// counts and malformed samples of a failed run).
+    pub fn load_any(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {} (is {} a preprocessed shard folder?)", path.display(), dir.display()))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if dir.join(WORK_DIR).is_dir() => {
+                return Err(e).with_context(|| {
+                    format!("{} holds an unfinished preprocess run (no {MANIFEST_FILE} yet); run preprocess again to finish it", dir.display())
+                })
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {} (is {} a preprocessed shard folder?)", path.display(), dir.display()))
+            }
+        };
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 

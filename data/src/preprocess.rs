@@ -9,6 +9,13 @@
 //! seeded shuffle keys), writes `train-NNNNN.parquet` / `val-NNNNN.parquet` (rows ordered by
 //! shuffle key within each shard) and `manifest.json`, then removes the work folder.
 //!
+//! The output folder is never shared or borrowed: a run locks it ([`OutputLock`], a second run
+//! fails at once naming the first), writes only into a folder that is new, empty or its own
+//! ([`OwnedFiles`]), and deletes or replaces only files it created. A rebuild first retires the
+//! earlier manifest, and a run that fails on its data (too many malformed rows, nothing left for
+//! the validation split) writes a manifest marked failed with no shards, which
+//! [`Manifest::load`] refuses: no later stage takes a failed run's folder for finished output.
+//!
 //! Testing hook: `OVERFILL_TEST_ABORT_AFTER_SHARDS=N` makes the process exit hard (status 86)
 //! right after it has written N work chunks, as if killed.
 use std::collections::HashSet;
@@ -24,15 +31,16 @@ use sha2::{Digest, Sha256};
 
 use crate::filter::{DropReason, Example, Outcome, Processed, RowProcessor};
 use crate::manifest::{
-    InputEntry, Manifest, ShardEntry, SplitEntry, TemplateEntry, TokenizerEntry, FORMAT_VERSION, MANIFEST_FILE,
+    InputEntry, Manifest, ShardEntry, SplitEntry, TemplateEntry, TokenizerEntry, FORMAT_VERSION, MANIFEST_FILE, WORK_DIR,
 };
+use crate::out_lock::OutputLock;
+use crate::owned_files::OwnedFiles;
 use crate::recipe::{PreprocessConfig, ValSize};
 use crate::shard::{read_examples, read_stats, read_u64_columns, write_atomic, BadRow, ShardWriter, Stats, HIST_EDGES};
 use crate::source::{expand_sources, read_file, InputFile, RawRecord};
 use crate::template::{ChatTemplate, TemplateSpec};
 use crate::tokenize::{load_tokenizer, resolve_tokenizer, SplitTokenizer, TokenizerConfig};
 
-const WORK_DIR: &str = ".partial";
 const STATE_FILE: &str = "state.json";
 /// Raw rows per batch handed from the reader to the workers.
 const BATCH_ROWS: usize = 512;
@@ -142,37 +150,105 @@ fn existing_chunks(work: &Path) -> usize {
     n
 }
 
-fn check_bad_fraction(manifest: &Manifest, config: &PreprocessConfig) -> Result<()> {
-    if manifest.bad_fraction > config.max_bad_fraction {
-        bail!(
+/// Why a run's data fails it: more malformed rows than allowed.
+fn bad_fraction_error(counts: &Stats, config: &PreprocessConfig) -> Option<String> {
+    let fraction = if counts.raw_rows == 0 { 0.0 } else { counts.bad_rows as f64 / counts.raw_rows as f64 };
+    (fraction > config.max_bad_fraction).then(|| {
+        format!(
             "{} of {} input rows ({:.2}%) are malformed, above --max-bad-fraction {}; see bad_samples in {}",
-            manifest.counts.bad_rows,
-            manifest.counts.raw_rows,
-            100.0 * manifest.bad_fraction,
+            counts.bad_rows,
+            counts.raw_rows,
+            100.0 * fraction,
             config.max_bad_fraction,
             config.out.join(MANIFEST_FILE).display()
-        );
+        )
+    })
+}
+
+/// `train-NNNNN.parquet` / `val-NNNNN.parquet`: the shard names this stage writes.
+fn is_shard_name(name: &str) -> bool {
+    let number = name.strip_suffix(".parquet").and_then(|n| n.strip_prefix("train-").or_else(|| n.strip_prefix("val-")));
+    number.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Files in `out` holding a name this stage writes that it did not create (a user's file). A
+/// rebuild refuses to start while there are any, rather than stop halfway.
+fn foreign_output_names(out: &Path, owned: &OwnedFiles) -> Result<Vec<String>> {
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let base = name.strip_suffix(".tmp").unwrap_or(&name);
+        let ours_to_write = is_shard_name(base) || base == MANIFEST_FILE || base == WORK_DIR;
+        if ours_to_write && !owned.owns(base) {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    Ok(foreign)
+}
+
+/// The files of a folder written before `.overfill-files.json` existed: the manifest, the shards
+/// it lists and an interrupted run's work folder. `None` when the folder holds none of them.
+fn legacy_outputs(out: &Path) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    if let Ok(manifest) = Manifest::load_any(out) {
+        names.push(MANIFEST_FILE.to_string());
+        names.extend(manifest.train.shards.iter().chain(&manifest.val.shards).map(|s| s.file.clone()).filter(|f| is_shard_name(f)));
+    }
+    if out.join(WORK_DIR).join(STATE_FILE).is_file() {
+        names.push(WORK_DIR.to_string());
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+/// Remove the manifest and shards of an earlier build (only files this stage created). The
+/// manifest goes first: a run killed in between leaves shards that no reader takes for finished.
+fn remove_outputs(owned: &mut OwnedFiles) -> Result<()> {
+    owned.remove(MANIFEST_FILE)?;
+    for name in owned.names() {
+        if is_shard_name(&name) {
+            owned.remove(&name)?;
+        }
     }
     Ok(())
 }
 
-/// Run the stage. Returns an error (after writing the shards and manifest) when the malformed
+/// Run the stage. Fails, leaving a manifest marked failed and no shards, when the malformed
 /// fraction exceeds `max_bad_fraction`.
 pub fn run_preprocess(config: &PreprocessConfig) -> Result<RunSummary> {
-    let prepared = prepare(config)?;
+    config.validate()?;
     let out = &config.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Held until this function returns or the process dies, whichever comes first.
+    let _lock = OutputLock::acquire(out, "preprocess")?;
+    let mut owned = OwnedFiles::open(out, "preprocess", || legacy_outputs(out))?;
+    let prepared = prepare(config)?;
+    owned.claim()?;
 
-    if let Ok(manifest) = Manifest::load(out) {
-        let shards_present = manifest.train.shards.iter().chain(&manifest.val.shards).all(|s| out.join(&s.file).is_file());
-        if manifest.key == prepared.key && shards_present {
-            eprintln!("preprocess: {} is up to date (key {})", out.display(), &prepared.key[..12]);
-            check_bad_fraction(&manifest, config)?;
-            return Ok(RunSummary { up_to_date: true, resumed_chunks: 0, manifest });
+    if owned.owns(MANIFEST_FILE) {
+        if let Ok(manifest) = Manifest::load_any(out) {
+            let shards_present = manifest.train.shards.iter().chain(&manifest.val.shards).all(|s| out.join(&s.file).is_file());
+            if manifest.key == prepared.key && manifest.failed.is_none() && shards_present {
+                eprintln!("preprocess: {} is up to date (key {})", out.display(), &prepared.key[..12]);
+                // Left by a run of other settings that was stopped; this folder no longer needs it.
+                owned.remove(WORK_DIR)?;
+                if let Some(reason) = bad_fraction_error(&manifest.counts, config) {
+                    bail!(reason);
+                }
+                return Ok(RunSummary { up_to_date: true, resumed_chunks: 0, manifest });
+            }
         }
     }
+    let foreign = foreign_output_names(out, &owned)?;
+    if !foreign.is_empty() {
+        bail!(
+            "--out {} holds {}, not created by preprocess; refusing to run, as the run could replace it (move it out of --out)",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    remove_outputs(&mut owned)?;
 
-    let work = out.join(WORK_DIR);
+    let work = owned.create(WORK_DIR)?;
     let state_path = work.join(STATE_FILE);
     let same_work = std::fs::read_to_string(&state_path)
         .ok()
@@ -190,8 +266,8 @@ pub fn run_preprocess(config: &PreprocessConfig) -> Result<RunSummary> {
     }
 
     let rows_per_file = process_inputs(config, &prepared, &work, resumed_chunks)?;
-    let manifest = finalize(config, &prepared, &work, &rows_per_file)?;
-    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    let manifest = finalize(config, &prepared, &work, &rows_per_file, &mut owned)?;
+    owned.remove(WORK_DIR)?;
     eprintln!(
         "preprocess: {} rows in, {} train + {} val rows out ({} target tokens), {} malformed; {}",
         manifest.counts.raw_rows,
@@ -201,7 +277,6 @@ pub fn run_preprocess(config: &PreprocessConfig) -> Result<RunSummary> {
         manifest.counts.bad_rows,
         out.display()
     );
-    check_bad_fraction(&manifest, config)?;
     Ok(RunSummary { up_to_date: false, resumed_chunks, manifest })
 }
 
@@ -403,21 +478,11 @@ fn add_to_split(split: &mut SplitEntry, entry: ShardEntry) {
     split.shards.push(entry);
 }
 
-/// Remove shards and manifest of an earlier build (only files this stage names).
-fn remove_old_outputs(out: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(out)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let ours = (name.starts_with("train-") || name.starts_with("val-")) && (name.ends_with(".parquet") || name.ends_with(".parquet.tmp"));
-        if ours || name == MANIFEST_FILE {
-            std::fs::remove_file(&path).with_context(|| format!("removing old {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Phase 2: validation draw, final shards, manifest.
-fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_per_file: &[u64]) -> Result<Manifest> {
+/// Phase 2: validation draw, final shards, manifest. When the data fails the run (too many
+/// malformed rows, too few rows for the validation split) it writes a manifest marked failed, with
+/// the counts and malformed samples but no shards, and returns the error. The work folder stays
+/// so that a rerun with other limits does not read the inputs again.
+fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_per_file: &[u64], owned: &mut OwnedFiles) -> Result<Manifest> {
     let out = &config.out;
     let chunks = existing_chunks(work);
     let mut counts = Stats::new();
@@ -433,21 +498,43 @@ fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_pe
         ValSize::Count(n) => n,
         ValSize::Fraction(f) => (f * kept as f64).round() as u64,
     };
-    if val_rows > 0 && val_rows >= kept {
-        bail!("validation size {val_rows} is not smaller than the {kept} rows kept; lower --val-size");
+    let failure = bad_fraction_error(&counts, config).or_else(|| {
+        (val_rows > 0 && val_rows >= kept).then(|| {
+            let dropped = counts.dropped.iter().map(|(reason, n)| format!("{n} {reason}")).collect::<Vec<_>>().join(", ");
+            format!(
+                "validation size {val_rows} is not smaller than the {kept} rows kept (of {} input rows; dropped: {}); lower --val-size",
+                counts.raw_rows,
+                if dropped.is_empty() { "none".to_string() } else { dropped }
+            )
+        })
+    });
+    if let Some(reason) = failure {
+        let mut manifest = build_manifest(prepared, rows_per_file, counts, SplitEntry::default(), SplitEntry::default());
+        manifest.failed = Some(reason.clone());
+        owned.create(MANIFEST_FILE)?;
+        manifest.save(out)?;
+        bail!(reason);
     }
     keys.sort_unstable();
     let val_ids: HashSet<u64> = keys.iter().take(val_rows as usize).map(|&(_, row)| row).collect();
     drop(keys);
 
-    remove_old_outputs(out)?;
+    // Each chunk gives at most one train and one val shard: fail before writing any of them
+    // when a file this stage did not create holds one of their names.
+    for index in 0..chunks {
+        for name in [format!("train-{index:05}.parquet"), format!("val-{index:05}.parquet")] {
+            if owned.would_clobber(&name) {
+                bail!("refusing to overwrite {}: it was not created by preprocess (move it out of --out)", out.join(name).display());
+            }
+        }
+    }
     let mut train = SplitEntry::default();
     let mut val = SplitEntry::default();
     let mut val_pending: Vec<Example> = Vec::new();
     let mut val_index = 0usize;
-    let flush_val = |pending: &mut Vec<Example>, val: &mut SplitEntry, index: &mut usize| -> Result<()> {
+    let flush_val = |owned: &mut OwnedFiles, pending: &mut Vec<Example>, val: &mut SplitEntry, index: &mut usize| -> Result<()> {
         pending.sort_by_key(|e| (e.shuffle_key, e.row_id));
-        let path = out.join(format!("val-{index:05}.parquet"));
+        let path = owned.create(&format!("val-{index:05}.parquet"))?;
         let mut writer = ShardWriter::create(&path)?;
         writer.write(pending)?;
         writer.finish(None)?;
@@ -462,7 +549,7 @@ fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_pe
         let (mut val_part, mut train_part): (Vec<Example>, Vec<Example>) = examples.into_iter().partition(|e| val_ids.contains(&e.row_id));
         if !train_part.is_empty() {
             train_part.sort_by_key(|e| (e.shuffle_key, e.row_id));
-            let path = out.join(format!("train-{train_index:05}.parquet"));
+            let path = owned.create(&format!("train-{train_index:05}.parquet"))?;
             let mut writer = ShardWriter::create(&path)?;
             writer.write(&train_part)?;
             writer.finish(None)?;
@@ -471,15 +558,22 @@ fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_pe
         }
         val_pending.append(&mut val_part);
         if val_pending.len() as u64 >= config.rows_per_shard {
-            flush_val(&mut val_pending, &mut val, &mut val_index)?;
+            flush_val(owned, &mut val_pending, &mut val, &mut val_index)?;
         }
     }
     if !val_pending.is_empty() {
-        flush_val(&mut val_pending, &mut val, &mut val_index)?;
+        flush_val(owned, &mut val_pending, &mut val, &mut val_index)?;
     }
 
+    let manifest = build_manifest(prepared, rows_per_file, counts, train, val);
+    owned.create(MANIFEST_FILE)?;
+    manifest.save(out)?;
+    Ok(manifest)
+}
+
+fn build_manifest(prepared: &Prepared, rows_per_file: &[u64], counts: Stats, train: SplitEntry, val: SplitEntry) -> Manifest {
     let bad_fraction = if counts.raw_rows == 0 { 0.0 } else { counts.bad_rows as f64 / counts.raw_rows as f64 };
-    let manifest = Manifest {
+    Manifest {
         format_version: FORMAT_VERSION,
         key: prepared.key.clone(),
         config: prepared.config_json.clone(),
@@ -505,7 +599,6 @@ fn finalize(config: &PreprocessConfig, prepared: &Prepared, work: &Path, rows_pe
         train,
         val,
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    };
-    manifest.save(out)?;
-    Ok(manifest)
+        failed: None,
+    }
 }

@@ -284,12 +284,14 @@ fn read_json_array(
     while !finished {
         let buf = reader.fill_buf().with_context(|| format!("reading {path}"))?;
         if buf.is_empty() {
-            if in_element {
-                // Truncated file: hand the partial element on; it fails to parse and is counted.
-                rows.emit(row, Some(element_start), RawPayload::Json(std::mem::take(&mut element)))?;
-                row += 1;
-            }
-            break;
+            // The array never closed: the file was cut short (usually an interrupted download),
+            // so rows are missing and none of its counts can be trusted.
+            let at = if in_element {
+                format!("inside row {row}, which starts at byte offset {element_start}")
+            } else {
+                format!("after {row} complete rows")
+            };
+            bail!("{path}: the file ends at byte offset {offset}, {at}, before its JSON array is closed by `]`; it is truncated (an incomplete download?)");
         }
         let mut i = 0;
         let mut element_done = false;
@@ -374,6 +376,19 @@ fn read_json_array(
             in_element = false;
             row += 1;
         }
+    }
+    // Only whitespace may follow the array (a second array or stray bytes mean a broken file).
+    loop {
+        let buf = reader.fill_buf().with_context(|| format!("reading {path}"))?;
+        if buf.is_empty() {
+            break;
+        }
+        if let Some(p) = buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            bail!("{path}: unexpected data at byte offset {} after the JSON array's closing `]`", offset + p as u64);
+        }
+        let n = buf.len();
+        reader.consume(n);
+        offset += n as u64;
     }
     bytes_read.fetch_add(file.size.saturating_sub(reported), Ordering::Relaxed);
     Ok(row)

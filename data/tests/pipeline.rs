@@ -158,7 +158,10 @@ fn bad_rows_are_counted_and_thresholded() {
         let mut config = common::config(&[&input], &tok, &out);
         let err = run_preprocess(&config).unwrap_err().to_string();
         assert!(err.contains("malformed") && err.contains("max-bad-fraction"), "{err}");
-        let manifest = overfill_data::manifest::Manifest::load(&out).unwrap();
+        // The failed run's manifest keeps the counts and samples, and readers refuse it.
+        let refused = overfill_data::manifest::Manifest::load(&out).unwrap_err().to_string();
+        assert!(refused.contains("failed preprocess run") && refused.contains("max-bad-fraction"), "{refused}");
+        let manifest = overfill_data::manifest::Manifest::load_any(&out).unwrap();
         assert_eq!(manifest.counts.bad_rows, 20, "{name}");
         assert_eq!(manifest.counts.kept_rows, 180, "{name}");
         let sample = &manifest.counts.bad_samples[0];
@@ -172,6 +175,9 @@ fn bad_rows_are_counted_and_thresholded() {
             assert!(errors.iter().any(|e| e.contains("unicode") || e.contains("UTF-8")), "{errors:?}");
         }
         config.max_bad_fraction = 0.2;
+        // A looser limit finishes the run from the failed run's work chunks.
+        let finished = run_preprocess(&config).unwrap();
+        assert!(!finished.up_to_date && finished.resumed_chunks == 2, "{name}");
         assert!(run_preprocess(&config).unwrap().up_to_date);
     }
 }

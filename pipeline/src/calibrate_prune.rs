@@ -198,6 +198,9 @@ pub fn run(args: Args) -> Result<()> {
         prune::kept_width(config.intermediate_size, settings.width_intermediate, settings.round_to).context("intermediate width")?;
     let tokenizer = load_model_tokenizer(&model_dir, &config)?;
     let out = settings.out.clone().ok_or_else(|| anyhow!("no --out given and no out in the recipe's [prune] table"))?;
+    // One run per --out at a time, held until this function returns or the process dies: a
+    // second run fails at once naming this one (and never takes its staging folder for stale).
+    let _out_lock = overfill_data::out_lock::OutputLock::acquire(&out, "calibrate-prune")?;
     if !args.calibrate_only {
         check_out_dir(&out)?;
     }
