@@ -99,6 +99,10 @@ pub fn run(args: Args) -> Result<()> {
     let dir = resolve_model_dir(&args.model)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    // Malformed ids are reported before the model folder is read.
+    if let Some(ids) = &args.prompt_ids {
+        parse_ids(ids)?;
+    }
     let config = load_config(&dir)?;
     crate::init_model::warn_unread_keys(&config, &dir.join("config.json"));
     let tokenizer_path = dir.join("tokenizer.json");
