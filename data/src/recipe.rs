@@ -1,9 +1,10 @@
-//! The data part of a recipe TOML (`configs/<name>.toml`): `name`, `[model]`, `[data]`,
-//! `[[sources]]` and `[preprocess]`. Other stages add their own tables (`[calibrate]`,
-//! `[prune]`, `[train]`, ...); this struct ignores them.
+//! The data tables of a recipe TOML (`configs/<name>.toml`): `[model]`, `[data]`, `[[sources]]`
+//! and `[preprocess]`. The whole recipe (these plus `[calibrate]`, `[prune]`, `[train]`) is read
+//! in one place, `overfill::recipe` in the pipeline crate; the section types live here because
+//! `preprocess` is built on them and this crate has no libtorch. Every table rejects unknown keys,
+//! and its `Default` holds the built-in defaults (what `overfill config` prints as `# default`).
 //!
 //! ```toml
-//! name = "8b-3b"
 //! [model]
 //! path = "meta-llama/Llama-3.1-8B-Instruct"
 //! [data]
@@ -20,13 +21,14 @@
 //! max_seq_length = 2048
 //! val_size = 3000
 //! ```
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// One `[[sources]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SourceSpec {
     /// A file path or a glob (relative to the working directory).
     pub path: String,
@@ -41,62 +43,71 @@ pub struct SourceSpec {
     pub fraction: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[model]`: the full model every stage starts from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// A model folder or a Hugging Face hub id.
     pub path: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[data]`: where the token shards live and how they are made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataSection {
     /// Output folder of `preprocess`, input of later stages.
     pub shards: Option<String>,
     /// Tokenizer folder or `tokenizer.json` (default: `[model] path`).
     pub tokenizer: Option<String>,
-    /// `llama3`, `chatml`, `model` or a template file.
-    pub template: Option<String>,
+    /// `llama3` (the paper's), `chatml`, `model` or a template file.
+    pub template: String,
 }
 
-/// `[preprocess]`: filters, split and shard settings. Every field is optional; see
-/// [`PreprocessConfig`] for the defaults.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PreprocessSection {
-    pub max_seq_length: Option<usize>,
-    pub pre_filter_max_seq_length: Option<usize>,
-    pub max_context_length: Option<usize>,
-    pub val_size: Option<u64>,
-    pub val_fraction: Option<f64>,
-    pub languages: Option<Vec<String>>,
-    pub seed: Option<u64>,
-    pub dedup: Option<bool>,
-    pub max_bad_fraction: Option<f64>,
-    pub rows_per_shard: Option<u64>,
-}
-
-/// The data part of a recipe.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Recipe {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub model: ModelSection,
-    #[serde(default)]
-    pub data: DataSection,
-    #[serde(default)]
-    pub sources: Vec<SourceSpec>,
-    #[serde(default)]
-    pub preprocess: PreprocessSection,
-}
-
-impl Recipe {
-    pub fn load(path: &Path) -> Result<Recipe> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing recipe {}", path.display()))
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection { shards: None, tokenizer: None, template: "llama3".into() }
     }
+}
 
-    /// Where `preprocess` writes and later stages read (`[data] shards`).
-    pub fn shards_dir(&self) -> Option<PathBuf> {
-        self.data.shards.as_ref().map(PathBuf::from)
+/// `[preprocess]`: filters, split and shard settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessSection {
+    /// Rows are truncated to this many tokens; a row whose target would be empty is dropped.
+    pub max_seq_length: usize,
+    /// Rows longer than this (before truncation) are dropped. Not set: no such filter.
+    pub pre_filter_max_seq_length: Option<usize>,
+    /// Rows whose context is longer than this are dropped. Not set: no such filter.
+    pub max_context_length: Option<usize>,
+    /// Validation rows (count). Not set, and no `val_fraction`: no validation split.
+    pub val_size: Option<u64>,
+    /// Validation rows (fraction of the kept rows); excludes `val_size`.
+    pub val_fraction: Option<f64>,
+    /// Allowed language tags (rows without a tag pass); empty: all.
+    pub languages: Vec<String>,
+    pub seed: u64,
+    /// Drop exact duplicate conversations.
+    pub dedup: bool,
+    /// Exit non-zero when more than this fraction of rows is malformed.
+    pub max_bad_fraction: f64,
+    /// Input rows per shard.
+    pub rows_per_shard: u64,
+}
+
+impl Default for PreprocessSection {
+    fn default() -> Self {
+        PreprocessSection {
+            max_seq_length: 2048,
+            pre_filter_max_seq_length: None,
+            max_context_length: None,
+            val_size: None,
+            val_fraction: None,
+            languages: Vec::new(),
+            seed: 42,
+            dedup: false,
+            max_bad_fraction: 0.01,
+            rows_per_shard: 50_000,
+        }
     }
 }
 
@@ -137,9 +148,15 @@ pub struct PreprocessConfig {
 }
 
 impl PreprocessConfig {
-    /// Defaults filled in from a recipe (paths still need to be present).
-    pub fn from_recipe(recipe: &Recipe) -> Result<PreprocessConfig> {
-        let p = &recipe.preprocess;
+    /// The settings of a recipe's data tables (command-line overrides are applied to the recipe
+    /// before this). `out` is `[data] shards`.
+    pub fn from_recipe(
+        model: &ModelSection,
+        data: &DataSection,
+        sources: &[SourceSpec],
+        preprocess: &PreprocessSection,
+    ) -> Result<PreprocessConfig> {
+        let p = preprocess;
         let val_size = match (p.val_size, p.val_fraction) {
             (Some(_), Some(_)) => bail!("[preprocess] has both val_size and val_fraction"),
             (Some(n), None) => ValSize::Count(n),
@@ -147,19 +164,19 @@ impl PreprocessConfig {
             (None, None) => ValSize::Count(0),
         };
         Ok(PreprocessConfig {
-            sources: recipe.sources.clone(),
-            tokenizer: recipe.data.tokenizer.clone().or_else(|| recipe.model.path.clone()).unwrap_or_default(),
-            template: recipe.data.template.clone().unwrap_or_else(|| "llama3".into()),
-            out: recipe.shards_dir().unwrap_or_default(),
+            sources: sources.to_vec(),
+            tokenizer: data.tokenizer.clone().or_else(|| model.path.clone()).unwrap_or_default(),
+            template: data.template.clone(),
+            out: data.shards.as_ref().map(PathBuf::from).unwrap_or_default(),
             val_size,
             pre_filter_max_seq_length: p.pre_filter_max_seq_length,
-            max_seq_length: p.max_seq_length.unwrap_or(2048),
+            max_seq_length: p.max_seq_length,
             max_context_length: p.max_context_length,
-            languages: p.languages.clone().unwrap_or_default(),
-            seed: p.seed.unwrap_or(42),
-            dedup: p.dedup.unwrap_or(false),
-            max_bad_fraction: p.max_bad_fraction.unwrap_or(0.01),
-            rows_per_shard: p.rows_per_shard.unwrap_or(50_000),
+            languages: p.languages.clone(),
+            seed: p.seed,
+            dedup: p.dedup,
+            max_bad_fraction: p.max_bad_fraction,
+            rows_per_shard: p.rows_per_shard,
         })
     }
 
@@ -190,14 +207,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_tables_are_ignored() {
-        let recipe: Recipe = toml::from_str(
-            "name = 'x'\n[model]\npath = 'm'\n[data]\nshards = 'out'\n[[sources]]\npath = 'a.json'\n[preprocess]\nval_size = 3\n[train]\nlr = 1e-4\n[calibrate]\nn = 5\n",
-        )
-        .unwrap();
-        let config = PreprocessConfig::from_recipe(&recipe).unwrap();
+    fn defaults_fill_what_a_section_leaves_out() {
+        let model: ModelSection = toml::from_str("path = 'm'").unwrap();
+        let data: DataSection = toml::from_str("shards = 'out'").unwrap();
+        let preprocess: PreprocessSection = toml::from_str("val_size = 3").unwrap();
+        let config = PreprocessConfig::from_recipe(&model, &data, &[], &preprocess).unwrap();
         assert_eq!(config.tokenizer, "m");
+        assert_eq!(config.template, "llama3");
+        assert_eq!(config.out, PathBuf::from("out"));
         assert_eq!(config.val_size, ValSize::Count(3));
         assert_eq!(config.max_seq_length, 2048);
+        assert_eq!(config.seed, 42);
+        assert_eq!(config.rows_per_shard, 50_000);
+        let both: PreprocessSection = toml::from_str("val_size = 3\nval_fraction = 0.1").unwrap();
+        let err = PreprocessConfig::from_recipe(&model, &data, &[], &both).unwrap_err().to_string();
+        assert!(err.contains("both val_size and val_fraction"), "{err}");
+    }
+
+    #[test]
+    fn every_section_rejects_unknown_keys_and_wrong_types() {
+        let unknown = [
+            toml::from_str::<ModelSection>("paht = 'm'").err(),
+            toml::from_str::<DataSection>("shard = 'x'").err(),
+            toml::from_str::<SourceSpec>("path = 'a'\nfractoin = 0.5").err(),
+            toml::from_str::<PreprocessSection>("max_seq_lenght = 16").err(),
+        ];
+        for (err, key) in unknown.iter().zip(["paht", "shard", "fractoin", "max_seq_lenght"]) {
+            let msg = err.as_ref().map(|e| e.message().to_string()).unwrap_or_default();
+            assert!(msg.contains(&format!("unknown field `{key}`")), "{key}: {msg}");
+        }
+        let wrong = [
+            toml::from_str::<ModelSection>("path = 3").err(),
+            toml::from_str::<DataSection>("template = true").err(),
+            toml::from_str::<SourceSpec>("path = 'a'\nfraction = '0.5'").err(),
+            toml::from_str::<PreprocessSection>("max_seq_length = '16'").err(),
+        ];
+        for err in wrong {
+            let msg = err.map(|e| e.message().to_string()).unwrap_or_default();
+            assert!(msg.contains("invalid type"), "{msg}");
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! `overfill calibrate-prune`: score channels on calibration data and width-prune a model.
 //!
-//! Flags override the recipe (`--config configs/X.toml`, tables `[calibrate]` and `[prune]`).
-//! The output directory is a plain HF checkpoint plus `pruning.json` and the importance scores,
-//! staged in a temporary sibling directory and renamed into place at the end, so that a killed run
-//! leaves nothing half-written.
+//! Flags override the recipe (`--config configs/X.toml`, tables `[calibrate]` and `[prune]`; see
+//! `crate::recipe`). The output directory is a plain HF checkpoint plus `pruning.json`, the
+//! importance scores and the resolved recipe, staged in a hidden sibling folder and renamed into
+//! place at the end, so that a killed run leaves nothing half-written; a later run removes such a
+//! leftover.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,56 +17,20 @@ use overfill_model::prune::{self, Width};
 use overfill_model::transformer::Transformer;
 use serde_json::json;
 
+use crate::recipe::{check_ratio, write_resolved, Recipe, RecipeArgs};
+
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
-    /// Recipe TOML; its [calibrate] and [prune] tables give defaults that flags override.
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    #[command(flatten)]
+    pub flags: Flags,
+    /// Output directory of the pruned checkpoint ([prune] out).
     #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Model directory (or hub id in the local HF cache).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Preprocessed shard directory, or a JSON file holding a list of token-id lists.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Hidden width: a prune ratio in [0, 1) or an absolute number of channels to keep.
-    #[arg(long, allow_hyphen_values = true)]
-    pub width_hidden: Option<String>,
-    /// FFN intermediate width: a prune ratio in [0, 1) or an absolute number of channels.
-    #[arg(long, allow_hyphen_values = true)]
-    pub width_intermediate: Option<String>,
-    /// Round kept widths to a multiple of N (e.g. 64).
-    #[arg(long)]
-    pub round_to: Option<usize>,
-    /// Number of calibration samples [default: 512].
-    #[arg(long)]
-    pub calib_size: Option<usize>,
-    /// Calibration batch size [default: 16].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Tokens per calibration sample (context+target, truncated) [default: 512].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// Sequence aggregation: mean (signed, paper) or abs-mean (Model-Optimizer) [default: mean].
-    #[arg(long)]
-    pub seq_agg: Option<String>,
-    /// Norm over samples: l2 or l1 [default: l2].
-    #[arg(long)]
-    pub norm: Option<String>,
-    /// Reuse importance scores saved by an earlier run instead of calibrating.
-    #[arg(long)]
-    pub scores: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Where to save the importance scores [default: <out>/importance.safetensors].
     #[arg(long)]
     pub save_scores: Option<PathBuf>,
-    /// Output directory of the pruned checkpoint.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Compute dtype: f32, bf16 or f16 [default: bf16 on CUDA, f32 on CPU].
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// cpu, cuda or cuda:N [default: cuda when available].
-    #[arg(long)]
-    pub device: Option<String>,
     /// Intra-op threads for libtorch (default: libtorch's own choice).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -81,6 +46,109 @@ pub struct Args {
     /// Machine-readable output on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The flags of `calibrate-prune` that override recipe values (also accepted by `overfill
+/// config`). Each help line names the recipe key it sets.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Flags {
+    /// Model directory or hub id in the local HF cache ([calibrate] model; default: [model] path).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Preprocessed shard directory, or a JSON file holding a list of token-id lists
+    /// ([calibrate] data; default: [data] shards).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Hidden width as a prune ratio in [0, 1), the share of channels removed ([prune] width_hidden).
+    #[arg(long, value_name = "RATIO", allow_hyphen_values = true, value_parser = hidden_ratio, conflicts_with = "hidden_size")]
+    pub width_hidden: Option<f64>,
+    /// FFN width as a prune ratio in [0, 1) ([prune] width_intermediate).
+    #[arg(long, value_name = "RATIO", allow_hyphen_values = true, value_parser = intermediate_ratio, conflicts_with = "intermediate_size")]
+    pub width_intermediate: Option<f64>,
+    /// Hidden channels to keep, an absolute width instead of --width-hidden ([prune] hidden_size).
+    #[arg(long, value_name = "N")]
+    pub hidden_size: Option<usize>,
+    /// FFN channels to keep, an absolute width instead of --width-intermediate ([prune] intermediate_size).
+    #[arg(long, value_name = "N")]
+    pub intermediate_size: Option<usize>,
+    /// Round kept widths to a multiple of N, e.g. 64 ([prune] round_to).
+    #[arg(long, value_name = "N")]
+    pub round_to: Option<usize>,
+    /// Number of calibration samples ([calibrate] calib_size, default 512).
+    #[arg(long)]
+    pub calib_size: Option<usize>,
+    /// Calibration batch size ([calibrate] batch_size, default 16).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per calibration sample, context+target truncated ([calibrate] max_seq_len, default 512).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Sequence aggregation: mean (signed, paper) or abs-mean (Model-Optimizer) ([calibrate] seq_agg).
+    #[arg(long)]
+    pub seq_agg: Option<String>,
+    /// Norm over samples: l2 or l1 ([calibrate] norm).
+    #[arg(long)]
+    pub norm: Option<String>,
+    /// Reuse importance scores saved by an earlier run instead of calibrating ([calibrate] scores).
+    #[arg(long)]
+    pub scores: Option<PathBuf>,
+    /// Compute dtype: f32, bf16 or f16 ([calibrate] dtype; default: bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N ([calibrate] device; default: cuda when available).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl Flags {
+    /// Store the given flags in the recipe, marked as set on the command line. A ratio replaces
+    /// an absolute width of the same dimension and the other way round.
+    pub fn apply(&self, recipe: &mut Recipe) {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        recipe.flag(&["calibrate.model"], self.model.clone(), |r, v| r.calibrate.model = Some(v));
+        recipe.flag(&["calibrate.data"], path(&self.data), |r, v| r.calibrate.data = Some(v));
+        let hidden = ["prune.width_hidden", "prune.hidden_size"];
+        recipe.flag(&hidden, self.width_hidden, |r, v| (r.prune.width_hidden, r.prune.hidden_size) = (Some(v), None));
+        recipe.flag(&hidden, self.hidden_size, |r, v| (r.prune.width_hidden, r.prune.hidden_size) = (None, Some(v)));
+        let inter = ["prune.width_intermediate", "prune.intermediate_size"];
+        recipe.flag(&inter, self.width_intermediate, |r, v| {
+            (r.prune.width_intermediate, r.prune.intermediate_size) = (Some(v), None)
+        });
+        recipe.flag(&inter, self.intermediate_size, |r, v| {
+            (r.prune.width_intermediate, r.prune.intermediate_size) = (None, Some(v))
+        });
+        recipe.flag(&["prune.round_to"], self.round_to, |r, v| r.prune.round_to = Some(v));
+        recipe.flag(&["calibrate.calib_size"], self.calib_size, |r, v| r.calibrate.calib_size = v);
+        recipe.flag(&["calibrate.batch_size"], self.batch_size, |r, v| r.calibrate.batch_size = v);
+        recipe.flag(&["calibrate.max_seq_len"], self.max_seq_len, |r, v| r.calibrate.max_seq_len = v);
+        recipe.flag(&["calibrate.seq_agg"], self.seq_agg.clone(), |r, v| r.calibrate.seq_agg = v);
+        recipe.flag(&["calibrate.norm"], self.norm.clone(), |r, v| r.calibrate.norm = v);
+        recipe.flag(&["calibrate.scores"], path(&self.scores), |r, v| r.calibrate.scores = Some(v));
+        recipe.flag(&["calibrate.dtype"], self.dtype.clone(), |r, v| r.calibrate.dtype = Some(v));
+        recipe.flag(&["calibrate.device"], self.device.clone(), |r, v| r.calibrate.device = Some(v));
+    }
+}
+
+/// `--width-*` takes ratios only: a whole number other than 0 (`1`, `2334`) is refused, since it
+/// once meant "keep that many channels" while `1.0` meant a ratio.
+fn ratio_flag(text: &str, size_flag: &str) -> std::result::Result<f64, String> {
+    let t = text.trim();
+    if t != "0" && !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "`{t}` is a whole number, but this flag takes a prune ratio in [0, 1) (the share of channels removed); to keep {t} channels use --{size_flag} {t}"
+        ));
+    }
+    let ratio: f64 = t.parse().map_err(|_| format!("`{t}` is not a prune ratio in [0, 1)"))?;
+    check_ratio(ratio)?;
+    Ok(ratio)
+}
+
+fn hidden_ratio(text: &str) -> std::result::Result<f64, String> {
+    ratio_flag(text, "hidden-size")
+}
+
+fn intermediate_ratio(text: &str) -> std::result::Result<f64, String> {
+    ratio_flag(text, "intermediate-size")
 }
 
 /// All settings after merging recipe and flags.
@@ -103,71 +171,43 @@ struct Settings {
     device: Option<String>,
 }
 
-/// A recipe table value as a string (numbers and strings alike).
-fn toml_str(table: Option<&toml::Value>, key: &str) -> Option<String> {
-    match table?.get(key)? {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(i) => Some(i.to_string()),
-        toml::Value::Float(f) => Some(f.to_string()),
-        other => Some(other.to_string()),
-    }
-}
-
-fn toml_usize(table: Option<&toml::Value>, key: &str, file: &Path) -> Result<Option<usize>> {
-    match table.and_then(|t| t.get(key)) {
-        None => Ok(None),
-        Some(toml::Value::Integer(i)) if *i >= 0 => Ok(Some(*i as usize)),
-        Some(v) => bail!("{}: {key} = {v} must be a non-negative integer", file.display()),
-    }
-}
-
-fn resolve(args: &Args) -> Result<Settings> {
-    let recipe: Option<(PathBuf, toml::Value)> = match &args.config {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-            let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing recipe {}", path.display()))?;
-            Some((path.clone(), value))
+/// The recipe (file, `--set`, then flags; checked) and the settings this command reads from it.
+fn resolve(args: &Args) -> Result<(Recipe, Settings)> {
+    let mut recipe = args.recipe.load()?;
+    args.flags.apply(&mut recipe);
+    let out = args.out.as_ref().map(|o| o.to_string_lossy().into_owned());
+    recipe.flag(&["prune.out"], out, |r, v| r.prune.out = Some(v));
+    recipe.check()?;
+    let (cal, pr) = (&recipe.calibrate, &recipe.prune);
+    let width = |ratio: Option<f64>, size: Option<usize>, dim: &str| -> Result<Width> {
+        match (size, ratio) {
+            (Some(n), _) => Ok(Width::Absolute(n)),
+            (None, Some(r)) => Ok(Width::Fraction(r)),
+            (None, None) => bail!(
+                "no --width-{dim} (a ratio) or --{dim}-size (channels) given, and neither width_{dim} nor {dim}_size in the recipe's [prune] table"
+            ),
         }
     };
-    let file = recipe.as_ref().map(|(p, _)| p.clone()).unwrap_or_default();
-    let cal = recipe.as_ref().and_then(|(_, v)| v.get("calibrate"));
-    let pr = recipe.as_ref().and_then(|(_, v)| v.get("prune"));
-    // Relative paths in a recipe are relative to the directory `just` runs in (the repo root),
-    // like every other recipe path.
-    let width = |flag: &Option<String>, key: &str| -> Result<Width> {
-        let text = flag.clone().or_else(|| toml_str(pr, key));
-        match text {
-            None => bail!("no --{} given and none in the recipe's [prune] table", key.replace('_', "-")),
-            Some(t) => t.parse::<Width>().with_context(|| format!("--{}", key.replace('_', "-"))),
-        }
-    };
-    let dry_run_needs_no_data = args.dry_run;
     let settings = Settings {
         // Model and shards default to the recipe's [model] path and [data] shards (where
-        // `overfill preprocess` writes).
-        model: args.model.clone().or_else(|| toml_str(cal, "model")).or_else(|| {
-            let model_table = recipe.as_ref().and_then(|(_, v)| v.get("model"));
-            ["path", "dir", "id", "name"].iter().find_map(|k| toml_str(model_table, k))
-        }),
-        data: args.data.clone().or_else(|| toml_str(cal, "data").map(PathBuf::from)).or_else(|| {
-            toml_str(recipe.as_ref().and_then(|(_, v)| v.get("data")), "shards").map(PathBuf::from)
-        }),
-        width_hidden: width(&args.width_hidden, "width_hidden")?,
-        width_intermediate: width(&args.width_intermediate, "width_intermediate")?,
-        round_to: args.round_to.or(toml_usize(pr, "round_to", &file)?),
-        calib_size: args.calib_size.or(toml_usize(cal, "calib_size", &file)?).unwrap_or(512),
-        batch_size: args.batch_size.or(toml_usize(cal, "batch_size", &file)?).unwrap_or(16),
-        max_seq_len: args.max_seq_len.or(toml_usize(cal, "max_seq_len", &file)?).unwrap_or(512),
-        seq_agg: args.seq_agg.clone().or_else(|| toml_str(cal, "seq_agg")).unwrap_or_else(|| "mean".into()).parse()?,
-        norm: args.norm.clone().or_else(|| toml_str(cal, "norm")).unwrap_or_else(|| "l2".into()).parse()?,
-        scores: args.scores.clone().or_else(|| toml_str(cal, "scores").map(PathBuf::from)),
+        // `overfill preprocess` writes). Relative paths are relative to the working directory.
+        model: cal.model.clone().or_else(|| recipe.model.path.clone()),
+        data: cal.data.clone().or_else(|| recipe.data.shards.clone()).map(PathBuf::from),
+        width_hidden: width(pr.width_hidden, pr.hidden_size, "hidden")?,
+        width_intermediate: width(pr.width_intermediate, pr.intermediate_size, "intermediate")?,
+        round_to: pr.round_to,
+        calib_size: cal.calib_size,
+        batch_size: cal.batch_size,
+        max_seq_len: cal.max_seq_len,
+        seq_agg: cal.seq_agg.parse()?,
+        norm: cal.norm.parse()?,
+        scores: cal.scores.clone().map(PathBuf::from),
         save_scores: args.save_scores.clone(),
-        out: args.out.clone().or_else(|| toml_str(pr, "out").map(PathBuf::from)),
-        dtype: args.dtype.clone().or_else(|| toml_str(cal, "dtype")),
-        device: args.device.clone().or_else(|| toml_str(cal, "device")),
+        out: pr.out.clone().map(PathBuf::from),
+        dtype: cal.dtype.clone(),
+        device: cal.device.clone(),
     };
-    if !dry_run_needs_no_data {
+    if !args.dry_run {
         if settings.calib_size == 0 {
             bail!("--calib-size must be at least 1");
         }
@@ -178,18 +218,18 @@ fn resolve(args: &Args) -> Result<Settings> {
             bail!("--max-seq-len must be at least 2 (the calibration loss needs a next token)");
         }
     }
-    Ok(settings)
+    Ok((recipe, settings))
 }
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let settings = resolve(&args)?;
+    let (recipe, settings) = resolve(&args)?;
     if args.dry_run {
         return dry_run(&args, &settings);
     }
-    let model_id = settings.model.clone().ok_or_else(|| anyhow!("no --model given and no model in the recipe's [calibrate] table"))?;
+    let model_id = settings.model.clone().ok_or_else(|| anyhow!("no --model given and no model in the recipe ([calibrate] model or [model] path)"))?;
     let model_dir = checkpoint::resolve_model_dir(&model_id)?;
     let config = checkpoint::load_config(&model_dir)?;
     // Widths first: a bad ratio fails before any weight or data is read.
@@ -198,15 +238,17 @@ pub fn run(args: Args) -> Result<()> {
         prune::kept_width(config.intermediate_size, settings.width_intermediate, settings.round_to).context("intermediate width")?;
     let tokenizer = load_model_tokenizer(&model_dir, &config)?;
     let out = settings.out.clone().ok_or_else(|| anyhow!("no --out given and no out in the recipe's [prune] table"))?;
+    refuse_out_over_model(&model_dir, &out)?;
     // One run per --out at a time, held until this function returns or the process dies: a
     // second run fails at once naming this one (and never takes its staging folder for stale).
     let _out_lock = overfill_data::out_lock::OutputLock::acquire(&out, "calibrate-prune")?;
+    remove_stale_staging(&out)?;
     if !args.calibrate_only {
         check_out_dir(&out)?;
     }
 
     // Calibration data is needed for the scores, and for the loss before/after even with --scores.
-    let data = settings.data.clone().ok_or_else(|| anyhow!("no --data given and no data in the recipe's [calibrate] table"))?;
+    let data = settings.data.clone().ok_or_else(|| anyhow!("no --data given and no data in the recipe ([calibrate] data or [data] shards)"))?;
     let samples = load_samples(&data, settings.calib_size, settings.max_seq_len)?;
     if samples.len() < settings.calib_size && samples.len() >= settings.batch_size {
         eprintln!(
@@ -277,6 +319,7 @@ pub fn run(args: Args) -> Result<()> {
                 std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
                 let p = out.join("importance.safetensors");
                 importance.save(&p)?;
+                write_resolved(&recipe, &out)?;
                 p
             }
         };
@@ -299,11 +342,9 @@ pub fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     drop(pruned);
 
-    // Stage everything in a sibling temp dir, then rename into place.
-    let staging = sibling(&out, &format!(".tmp-{}", std::process::id()))?;
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).with_context(|| format!("removing stale {}", staging.display()))?;
-    }
+    // Stage everything in a hidden sibling folder (its marker says it is ours), then rename into place.
+    let container = create_staging(&out)?;
+    let staging = container.join(out.file_name().unwrap_or_else(|| "out".as_ref()));
     let result = (|| -> Result<()> {
         checkpoint::save_checkpoint(&staging, &new_config, &tensors, 5 << 30)?;
         copy_tokenizer_files(&model_dir, &staging)?;
@@ -315,13 +356,15 @@ pub fn run(args: Args) -> Result<()> {
         );
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(staging.join("pruning.json"), text).context("writing pruning.json")?;
+        write_resolved(&recipe, &staging)?;
         Ok(())
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = std::fs::remove_dir_all(&container);
         return Err(e);
     }
     replace_dir(&staging, &out)?;
+    std::fs::remove_dir_all(&container).with_context(|| format!("removing {}", container.display()))?;
     let summary = json!({
         "out": out,
         "hidden_size": new_config.hidden_size,
@@ -528,6 +571,95 @@ fn sibling(path: &Path, suffix: &str) -> Result<PathBuf> {
     let mut name = name.to_os_string();
     name.push(suffix);
     Ok(path.with_file_name(name))
+}
+
+/// Marker inside a staging folder: which command, process and machine made it.
+const STAGING_MARKER: &str = ".overfill-staging.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StagingMarker {
+    written_by: String,
+    pid: u32,
+    host: String,
+}
+
+/// `.NAME.tmp-` (the prefix of the staging folders of `--out NAME`) and the folder holding them.
+fn staging_prefix(out: &Path) -> Result<(PathBuf, String)> {
+    let name = out.file_name().ok_or_else(|| anyhow!("--out {} has no directory name", out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok((parent.to_path_buf(), format!(".{}.tmp-", name.to_string_lossy())))
+}
+
+/// A new hidden staging folder `.NAME.tmp-PID` next to `out`, marked as ours. The output is
+/// assembled in `<staging>/NAME` (the checkpoint writer's own temporary files stay inside too).
+fn create_staging(out: &Path) -> Result<PathBuf> {
+    let (parent, prefix) = staging_prefix(out)?;
+    let container = parent.join(format!("{prefix}{}", std::process::id()));
+    if container.exists() {
+        std::fs::remove_dir_all(&container).with_context(|| format!("removing stale {}", container.display()))?;
+    }
+    std::fs::create_dir_all(&container).with_context(|| format!("creating {}", container.display()))?;
+    let marker = StagingMarker { written_by: "calibrate-prune".into(), pid: std::process::id(), host: host_name() };
+    std::fs::write(container.join(STAGING_MARKER), serde_json::to_string(&marker)?)
+        .with_context(|| format!("writing {}", container.join(STAGING_MARKER).display()))?;
+    Ok(container)
+}
+
+/// Remove staging folders of `out` left by a calibrate-prune run that was killed or ran out of
+/// disk: only those whose marker says this command made them on this machine, in a process that
+/// is no longer running. Anything else is left alone.
+fn remove_stale_staging(out: &Path) -> Result<()> {
+    let (parent, prefix) = staging_prefix(out)?;
+    let Ok(entries) = std::fs::read_dir(&parent) else { return Ok(()) };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let path = entry.path();
+        let marker: Option<StagingMarker> =
+            std::fs::read_to_string(path.join(STAGING_MARKER)).ok().and_then(|text| serde_json::from_str(&text).ok());
+        let Some(marker) = marker else { continue };
+        if marker.written_by != "calibrate-prune" || marker.host != host_name() || process_running(marker.pid) {
+            continue;
+        }
+        eprintln!("removing {}, left by an interrupted calibrate-prune run (pid {})", path.display(), marker.pid);
+        std::fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is running (Linux `/proc`); elsewhere every process counts as running,
+/// so nothing is removed.
+fn process_running(pid: u32) -> bool {
+    if pid == std::process::id() {
+        // A folder of ours from before this process started: an earlier process with our id.
+        return false;
+    }
+    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+/// `--out` must not be the model folder being read, or a folder holding it: replacing the output
+/// would delete the model.
+fn refuse_out_over_model(model_dir: &Path, out: &Path) -> Result<()> {
+    let (Ok(model), Ok(out_abs)) = (model_dir.canonicalize(), out.canonicalize()) else {
+        // A folder that does not exist yet holds no model.
+        return Ok(());
+    };
+    if model.starts_with(&out_abs) {
+        bail!(
+            "--out {} would replace the model being pruned ({}); refusing (choose another output folder)",
+            out.display(),
+            model_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Refuse to overwrite a directory that is not an earlier output of this command.

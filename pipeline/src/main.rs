@@ -5,11 +5,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
+mod config_cmd;
 mod eval_loss;
 mod generate;
 mod init_model;
 mod inspect;
 mod preprocess;
+mod recipe;
 mod synth_data;
 mod train;
 
@@ -22,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the resolved recipe (defaults, recipe values and flag overrides, each marked) as TOML.
+    Config(config_cmd::Args),
     /// Chat-template and tokenize instruction data into context/target token shards.
     Preprocess(preprocess::Args),
     /// Print statistics of token shards and decode examples at the context/target boundary.
@@ -46,6 +50,7 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Config(args) => config_cmd::run(args),
         Command::Preprocess(args) => preprocess::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::SynthData(args) => synth_data::run(args),

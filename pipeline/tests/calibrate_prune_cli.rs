@@ -158,7 +158,7 @@ fn prunes_a_tiny_model_end_to_end_and_reuses_scores() {
     // Absolute width and rounding: hidden 0.3 -> 44 -> nearest multiple of 16 = 48; I 40 -> 48.
     let round_dir = f.dir.join("pruned-rounded");
     let mut args = common.to_vec();
-    args.extend(["--width-hidden", "0.3", "--width-intermediate", "40", "--round-to", "16", "--scores", scores.to_str().unwrap(), "--out", round_dir.to_str().unwrap()]);
+    args.extend(["--width-hidden", "0.3", "--intermediate-size", "40", "--round-to", "16", "--scores", scores.to_str().unwrap(), "--out", round_dir.to_str().unwrap()]);
     let summary = ok_json(&overfill(&args));
     assert_eq!((summary["hidden_size"].as_u64(), summary["intermediate_size"].as_u64()), (Some(48), Some(48)));
     std::fs::remove_dir_all(&f.dir).unwrap();
@@ -177,7 +177,7 @@ fn recipe_tables_supply_defaults_and_flags_override() {
         ),
     )
     .unwrap();
-    let summary = ok_json(&overfill(&["--config", recipe.to_str().unwrap(), "--width-hidden", "40", "--json"]));
+    let summary = ok_json(&overfill(&["--config", recipe.to_str().unwrap(), "--hidden-size", "40", "--json"]));
     assert_eq!(summary["hidden_size"], 40); // flag wins
     assert_eq!(summary["intermediate_size"], 96); // recipe
     let report = read_json(&out_dir.join("pruning.json"));
@@ -203,7 +203,7 @@ fn dry_run_prints_table_1_numbers() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("3.19B") && text.contains("4096 -> 2334"), "{text}");
-    let out = overfill(&["--dry-run", "--model-config", config.to_str().unwrap(), "--width-hidden", "5000", "--width-intermediate", "0.43"]);
+    let out = overfill(&["--dry-run", "--model-config", config.to_str().unwrap(), "--hidden-size", "5000", "--width-intermediate", "0.43"]);
     assert_clear_error(&out, "larger than the model");
 }
 
@@ -224,7 +224,10 @@ fn bad_input_gives_clear_errors() {
     let widths = ["--width-hidden", "0.25", "--width-intermediate", "0.5"];
     assert_clear_error(&run(&["--width-hidden", "1.0", "--width-intermediate", "0.5"], &f.data, &f.model), "outside [0, 1)");
     assert_clear_error(&run(&["--width-hidden", "-0.2", "--width-intermediate", "0.5"], &f.data, &f.model), "outside [0, 1)");
-    assert_clear_error(&run(&["--width-hidden", "0.25", "--width-intermediate", "500"], &f.data, &f.model), "larger than the model");
+    assert_clear_error(&run(&["--width-hidden", "0.25", "--intermediate-size", "500"], &f.data, &f.model), "larger than the model");
+    // A whole number is not a ratio: absolute widths have their own flags.
+    assert_clear_error(&run(&["--width-hidden", "1", "--width-intermediate", "0.5"], &f.data, &f.model), "use --hidden-size 1");
+    assert_clear_error(&run(&["--width-hidden", "0.25", "--width-intermediate", "40"], &f.data, &f.model), "use --intermediate-size 40");
     assert_clear_error(&run(&["--width-hidden", "0.25"], &f.data, &f.model), "width-intermediate");
     assert_clear_error(&run(&[&widths[..], &["--seq-agg", "median"]].concat(), &f.data, &f.model), "median");
 
