@@ -269,3 +269,41 @@ pub fn check_ids_in_vocab(ids: &[u32], vocab_size: usize, tokenizer: Option<&Tok
         vocab_size.saturating_sub(1)
     )
 }
+
+#[cfg(test)]
+mod vocab_tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    /// Word-level vocabulary a=0 b=1 c=2, plus the added special token <|x|> at 3.
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_str(
+            r#"{"version":"1.0","truncation":null,"padding":null,
+                "added_tokens":[{"id":3,"content":"<|x|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+                "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+                "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"c":2},"unk_token":"a"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn ids_past_the_vocabulary_are_listed_warned_and_refused_by_name() {
+        let tok = tokenizer();
+        assert_eq!(ids_beyond_vocab(&tok, 3), vec![(3, "<|x|>".to_string())]);
+        assert_eq!(ids_beyond_vocab(&tok, 2), vec![(2, "c".to_string()), (3, "<|x|>".to_string())]);
+        assert!(ids_beyond_vocab(&tok, 4).is_empty());
+        let warning = vocab_overflow_warning(&tok, 3, Path::new("tok.json")).unwrap();
+        assert!(warning.contains("1 token id ") && warning.contains("3 \"<|x|>\"") && warning.contains("vocab_size 3"), "{warning}");
+        assert!(vocab_overflow_warning(&tok, 4, Path::new("tok.json")).is_none());
+
+        let ids = tok.encode("a b", false).unwrap().get_ids().to_vec();
+        check_ids_in_vocab(&ids, 3, Some(&tok), "the prompt").unwrap();
+        let ids = tok.encode("a <|x|> b", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, [0, 3, 1]);
+        let err = check_ids_in_vocab(&ids, 3, Some(&tok), "the prompt").unwrap_err().to_string();
+        assert!(err.contains("the prompt has token id 3 (\"<|x|>\") at position 1") && err.contains("3 entries"), "{err}");
+        let err = check_ids_in_vocab(&[3, 2, 3], 2, None, "row 0").unwrap_err().to_string();
+        assert!(err.contains("row 0 has token id 3 at position 0 and 2 more such ids"), "{err}");
+    }
+}
