@@ -580,6 +580,14 @@ impl ModelConfig {
             "max_position_embeddings",
             json!(self.max_position_embeddings),
         );
+        // Only "full_attention" layers load, so the list is that, one per layer (a config whose
+        // layer count was changed in code would otherwise contradict itself).
+        if self.raw.get("layer_types").is_some_and(Value::is_array) {
+            set(
+                "layer_types",
+                json!(vec!["full_attention"; self.num_hidden_layers]),
+            );
+        }
         set("bos_token_id", json!(self.bos_token_id));
         set(
             "eos_token_id",
@@ -686,6 +694,22 @@ mod tests {
         assert_eq!(c.to_hf_json()["head_dim"], json!(4));
         let again = ModelConfig::from_json_str(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(again.parameter_shapes(), c.parameter_shapes());
+    }
+
+    #[test]
+    fn layer_types_follow_the_layer_count() {
+        let text = tiny().replace("\"llama\"", "\"qwen2\"").replace(
+            "\"num_hidden_layers\":1",
+            "\"num_hidden_layers\":1,\"layer_types\":[\"full_attention\"]",
+        );
+        let mut c = ModelConfig::from_json_str(&text).unwrap();
+        c.num_hidden_layers = 3;
+        let again = ModelConfig::from_json_str(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(again.num_hidden_layers, 3);
+        assert_eq!(
+            again.to_hf_json()["layer_types"].as_array().unwrap().len(),
+            3
+        );
     }
 
     #[test]
