@@ -182,7 +182,7 @@ fn resume_ends_with_the_same_decoder_as_an_uninterrupted_run() {
     for file in ["config.json", "tokenizer.json"] {
         assert!(whole.join("final").join(file).is_file(), "final/ has {file}");
     }
-    assert!(whole.join("recipe.toml").is_file());
+    assert!(whole.join("resolved-recipe.toml").is_file());
     assert!(std::fs::read_dir(&whole).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
 
     // TensorBoard's own reader sees each step once, although steps 1..3 were logged by another

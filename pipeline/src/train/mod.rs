@@ -22,10 +22,10 @@ pub use config::{LrSchedule, TrainMode, TrainSection};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
-    /// Recipe TOML; its [train] table (and [model] path, [data] shards, [prune] out) give the
-    /// defaults that flags override.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// The recipe (`--config`, `--set`): its [train] table (and [model] path, [data] shards,
+    /// [prune] out) give the defaults that flags override.
+    #[command(flatten)]
+    pub recipe: crate::recipe::RecipeArgs,
     /// The frozen full model (overfill mode) [default: the recipe's [model] path].
     #[arg(long)]
     pub full: Option<PathBuf>,

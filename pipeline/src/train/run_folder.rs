@@ -3,7 +3,7 @@
 //! `.checkpoint-STEP.tmp/` and renamed, so a folder named `checkpoint-STEP` is always complete.
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use overfill_model::checkpoint::save_checkpoint;
 use overfill_model::transformer::Transformer;
 use serde::{Deserialize, Serialize};
@@ -11,8 +11,10 @@ use tch::Tensor;
 
 use super::config::TrainSection;
 use super::settings::{trajectory_differences, Settings};
+use crate::recipe::{write_resolved, Recipe, RESOLVED_FILE};
 
-pub const RECIPE_FILE: &str = "recipe.toml";
+/// The resolved recipe; its `[train]` table identifies the run.
+pub const RECIPE_FILE: &str = RESOLVED_FILE;
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const FINAL_DIR: &str = "final";
@@ -105,10 +107,7 @@ pub fn inspect(settings: &Settings) -> Result<Existing> {
 }
 
 fn read_train_section(recipe_path: &Path) -> Result<TrainSection> {
-    let text = std::fs::read_to_string(recipe_path).with_context(|| format!("reading {}", recipe_path.display()))?;
-    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", recipe_path.display()))?;
-    let train = value.get("train").cloned().ok_or_else(|| anyhow!("{} has no [train] table", recipe_path.display()))?;
-    train.try_into().with_context(|| format!("{}: invalid [train] table", recipe_path.display()))
+    Ok(Recipe::load(recipe_path).with_context(|| format!("reading the run's recipe {}", recipe_path.display()))?.train)
 }
 
 /// `checkpoint-STEP` folders (complete ones: they are renamed into place last), oldest first.
@@ -149,11 +148,7 @@ pub fn remove_stale_temporaries(out: &Path) -> Result<()> {
 
 /// Writes the resolved recipe (the `[train]` table as this run uses it).
 pub fn write_recipe(settings: &Settings) -> Result<()> {
-    let text = toml::to_string_pretty(&settings.resolved_recipe()?).context("serialising the resolved recipe")?;
-    let path = settings.out.join(RECIPE_FILE);
-    let tmp = settings.out.join(format!(".{RECIPE_FILE}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    write_resolved(&settings.recipe, &settings.out)
 }
 
 /// The decoder in HF layout (config.json, safetensors, the source's tokenizer files) into `dir`.

@@ -2,47 +2,14 @@
 //! fail before any work is done (nothing is written and no weight is loaded until they pass).
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use overfill_data::reader::ShardDataset;
 use overfill_model::config::ModelConfig;
 use tch::Kind;
 
 use super::config::{TrainMode, TrainSection};
 use super::Args;
-
-/// The parts of a recipe the trainer reads.
-// TODO(recipe): replace with `crate::recipe::Recipe` (engineer D) once it is committed; this is
-// the one place that parses the recipe file.
-pub struct RecipeParts {
-    /// The whole recipe, for the resolved copy written into the run folder.
-    pub value: toml::Value,
-    pub train: TrainSection,
-    pub model_path: Option<String>,
-    pub data_shards: Option<String>,
-    pub prune_out: Option<String>,
-}
-
-pub fn load_recipe(path: &Path) -> Result<RecipeParts> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing recipe {}", path.display()))?;
-    let train: TrainSection = match value.get("train") {
-        None => TrainSection::default(),
-        Some(table) => table
-            .clone()
-            .try_into()
-            .with_context(|| format!("{}: invalid [train] table", path.display()))?,
-    };
-    let string_at = |table: &str, key: &str| -> Option<String> {
-        value.get(table).and_then(|t| t.get(key)).and_then(|v| v.as_str()).map(str::to_string)
-    };
-    Ok(RecipeParts {
-        train,
-        model_path: string_at("model", "path"),
-        data_shards: string_at("data", "shards"),
-        prune_out: string_at("prune", "out"),
-        value,
-    })
-}
+use crate::recipe::Recipe;
 
 /// Everything a run needs, after merging recipe and flags.
 #[derive(Debug, Clone)]
@@ -54,8 +21,8 @@ pub struct Settings {
     pub data: PathBuf,
     pub out: PathBuf,
     pub resume: bool,
-    /// The recipe as read (for the resolved copy in the run folder); `None` without `--config`.
-    pub recipe: Option<toml::Value>,
+    /// The resolved recipe (its `train` equals `train` above): written into the run folder.
+    pub recipe: Recipe,
 }
 
 impl Settings {
@@ -63,81 +30,24 @@ impl Settings {
     pub fn global_batch_rows(&self, world_size: usize) -> usize {
         self.train.per_device_batch_size * self.train.gradient_accumulation_steps * world_size
     }
-
-    /// The recipe with its `[train]` table replaced by the resolved one: what the run folder keeps.
-    pub fn resolved_recipe(&self) -> Result<toml::Value> {
-        let mut recipe = self.recipe.clone().unwrap_or_else(|| toml::Value::Table(Default::default()));
-        let train = toml::Value::try_from(&self.train).context("serialising the [train] table")?;
-        recipe
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("the recipe is not a TOML table"))?
-            .insert("train".into(), train);
-        Ok(recipe)
-    }
 }
 
 /// Recipe (if any) + flags → settings; checks the numbers (no file is touched but the recipe).
 pub fn resolve(args: &Args) -> Result<Settings> {
-    let recipe = args.config.as_deref().map(load_recipe).transpose()?;
-    let mut t = recipe.as_ref().map(|r| r.train.clone()).unwrap_or_default();
-    // Flags override the recipe.
-    if let Some(v) = args.mode {
-        t.mode = v;
-    }
-    if let Some(v) = &args.full {
-        t.full = Some(v.display().to_string());
-    }
-    if let Some(v) = &args.decoder {
-        t.decoder = Some(v.display().to_string());
-    }
-    if let Some(v) = &args.data {
-        t.data = Some(v.display().to_string());
-    }
-    if let Some(v) = &args.out {
-        t.out = Some(v.display().to_string());
-    }
-    if let Some(v) = args.max_steps {
-        t.max_steps = Some(v);
-    }
-    if let Some(v) = args.batch_size {
-        t.per_device_batch_size = v;
-    }
-    if let Some(v) = args.grad_accum {
-        t.gradient_accumulation_steps = v;
-    }
-    if let Some(v) = args.lr {
-        t.learning_rate = v;
-    }
-    if let Some(v) = args.seed {
-        t.seed = v;
-    }
-    if let Some(v) = args.save_steps {
-        t.save_steps = v;
-    }
-    if let Some(v) = args.eval_steps {
-        t.eval_steps = v;
-    }
-    if let Some(v) = &args.device {
-        t.device = v.clone();
-    }
-    if let Some(v) = &args.dtype {
-        t.dtype = v.clone();
-    }
-    if let Some(v) = args.threads {
-        t.threads = v;
-    }
+    let mut recipe = args.recipe.load()?;
+    apply_flags(args, &mut recipe);
+    recipe.check()?;
     // Paths default to the recipe's other stages: [model] path is the full model, [prune] out the
     // decoder, [data] shards the data.
-    if let Some(r) = &recipe {
-        if t.full.is_none() {
-            t.full = r.model_path.clone();
-        }
-        if t.decoder.is_none() {
-            t.decoder = r.prune_out.clone();
-        }
-        if t.data.is_none() {
-            t.data = r.data_shards.clone();
-        }
+    let mut t = recipe.train.clone();
+    if t.full.is_none() {
+        t.full = recipe.model.path.clone();
+    }
+    if t.decoder.is_none() {
+        t.decoder = recipe.prune.out.clone();
+    }
+    if t.data.is_none() {
+        t.data = recipe.data.shards.clone();
     }
     if t.mode != TrainMode::Overfill {
         // The single-model baselines have no frozen model.
@@ -154,15 +64,28 @@ pub fn resolve(args: &Args) -> Result<Settings> {
     let decoder = required(&t.decoder, "[prune] out or [train] decoder", "--decoder")?;
     let data = required(&t.data, "[data] shards or [train] data", "--data")?;
     let out = required(&t.out, "[train] out", "--out")?;
-    Ok(Settings {
-        full,
-        decoder,
-        data,
-        out,
-        resume: args.resume,
-        recipe: recipe.map(|r| r.value),
-        train: t,
-    })
+    recipe.train = t.clone();
+    Ok(Settings { full, decoder, data, out, resume: args.resume, recipe, train: t })
+}
+
+/// `overfill train`'s flags into the recipe's `[train]` table, marked as set by a flag.
+pub fn apply_flags(args: &Args, recipe: &mut Recipe) {
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    recipe.flag(&["train.mode"], args.mode, |r, v| r.train.mode = v);
+    recipe.flag(&["train.full"], path(&args.full), |r, v| r.train.full = Some(v));
+    recipe.flag(&["train.decoder"], path(&args.decoder), |r, v| r.train.decoder = Some(v));
+    recipe.flag(&["train.data"], path(&args.data), |r, v| r.train.data = Some(v));
+    recipe.flag(&["train.out"], path(&args.out), |r, v| r.train.out = Some(v));
+    recipe.flag(&["train.max_steps"], args.max_steps, |r, v| r.train.max_steps = Some(v));
+    recipe.flag(&["train.per_device_batch_size"], args.batch_size, |r, v| r.train.per_device_batch_size = v);
+    recipe.flag(&["train.gradient_accumulation_steps"], args.grad_accum, |r, v| r.train.gradient_accumulation_steps = v);
+    recipe.flag(&["train.learning_rate"], args.lr, |r, v| r.train.learning_rate = v);
+    recipe.flag(&["train.seed"], args.seed, |r, v| r.train.seed = v);
+    recipe.flag(&["train.save_steps"], args.save_steps, |r, v| r.train.save_steps = v);
+    recipe.flag(&["train.eval_steps"], args.eval_steps, |r, v| r.train.eval_steps = v);
+    recipe.flag(&["train.device"], args.device.clone(), |r, v| r.train.device = v);
+    recipe.flag(&["train.dtype"], args.dtype.clone(), |r, v| r.train.dtype = v);
+    recipe.flag(&["train.threads"], args.threads, |r, v| r.train.threads = v);
 }
 
 fn check_numbers(t: &TrainSection) -> Result<()> {

@@ -52,6 +52,15 @@ impl GradientReducer for SingleProcess {
     }
 }
 
+/// A line above the progress bar, or on stderr when there is no bar (not a terminal).
+fn say(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
+}
+
 /// Everything the loop needs, checked by `train::run`.
 pub struct TrainInputs {
     pub settings: Settings,
@@ -134,7 +143,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
     let mut events = if is_writer {
         let mut events = EventWriter::create(&settings.out, resume_from.as_ref().map(|_| start_step + 1))?;
         if resume_from.is_none() {
-            let recipe = toml::to_string_pretty(&settings.resolved_recipe()?)?;
+            let recipe = settings.recipe.to_toml()?;
             events.text("recipe", 0, &format!("```toml\n{recipe}\n```"))?;
         }
         run_folder::truncate_log(&settings.out, start_step)?;
@@ -265,7 +274,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
             optimizer.zero_grad();
             state.skipped_steps += 1;
             state.bad_step_streak += 1;
-            progress.println(format!("step {step}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped"));
+            say(&progress, format!("step {step}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped"));
             if state.bad_step_streak >= t.max_bad_steps {
                 bail!(
                     "{} optimizer steps in a row had a non-finite loss or gradient (the last at step {step}: loss {loss}, \
@@ -327,12 +336,20 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                 });
                 writeln!(file, "{record}").context("writing the step log")?;
             }
+            if progress.is_hidden() && is_writer {
+                // No terminal (a batch job's log): one line per logged step instead of the bar.
+                let loss = if window.predicted_tokens > 0.0 { format!("{window_loss:.4}") } else { "n/a".into() };
+                eprintln!(
+                    "step {step}/{end_step}: loss {loss} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | skipped steps {}",
+                    state.skipped_steps
+                );
+            }
             window = Window::default();
         }
 
         if t.eval_steps > 0 && step % t.eval_steps == 0 {
             if let Some(loss) = eval(&decoder, step, &mut events, &mut log_file)? {
-                progress.println(format!("step {step}: eval/loss {loss:.4}"));
+                say(&progress, format!("step {step}: eval/loss {loss:.4}"));
                 last_eval = Some((step, loss));
             }
         }
@@ -348,7 +365,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                     t.save_total_limit,
                 )?;
                 last_saved_step = Some(step);
-                progress.println(format!("step {step}: saved {}", dir.display()));
+                say(&progress, format!("step {step}: saved {}", dir.display()));
             }
         }
         if let Some(events) = &mut events {
