@@ -121,6 +121,8 @@ fn text_prompt_with_init_model_checkpoint_matches_transformers() {
         model_s,
         "--prompt",
         text,
+        // The reference tokenizes the text as it is; --prompt alone applies the chat template.
+        "--raw",
         "--max-new-tokens",
         "6",
         "--json",

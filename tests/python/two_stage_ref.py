@@ -16,6 +16,11 @@ model/tests/two_stage.rs and pipeline/tests/two_stage_cli.rs.
                                                             decoder slots (see refresh_greedy)
       and OUT_DIR/<case>/batch.jsonl: one {"prompt_ids": [...]} per batch row.
 
+  chat-ids TOKENIZER_DIR MESSAGES_JSON
+      Prints the token ids (JSON list) of transformers' apply_chat_template(messages,
+      chat_template=<the paper's Llama-3 template>, add_generation_prompt=True): what
+      `overfill generate --prompt/--messages` must prefill.
+
   The algorithm is upstream OverFill's, with transformers' own machinery only: the full model
   runs the left-padded prompts with use_cache=True (attention_mask, position_ids =
   cumsum(mask) - 1), the argmax of its last logit is the first token, and the decoder continues
@@ -198,10 +203,34 @@ def make(out_dir: Path):
     print(json.dumps(sorted(cases())))
 
 
+# The chat template of the paper's training code (Llama 3, BOS from the tokenizer, content trimmed).
+PAPER_LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def chat_ids(tokenizer_dir, messages_json):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = json.loads(Path(messages_json).read_text())
+    ids = tokenizer.apply_chat_template(messages, chat_template=PAPER_LLAMA3_TEMPLATE,
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    print(json.dumps(list(ids)))
+
+
 def main():
     torch.set_num_threads(1)
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "chat-ids":
+        chat_ids(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)
 

@@ -1,0 +1,248 @@
+//! `overfill generate --decoder`: two-stage generation from the command line, checked against
+//! transformers running the upstream algorithm (tests/python/two_stage_ref.py); text prompts
+//! rendered with the chat template as transformers' apply_chat_template renders them; sampling,
+//! refresh, batching and the errors on bad input.
+// The model tests' helpers (paths, the cached Python references, comparisons).
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{cached_script_output, python_script, read_refs, repo_root, to_vec_i64};
+use serde_json::Value;
+use tch::Tensor;
+
+fn ref_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_script_output("two_stage_ref.py", "two-stage-ref-cache"))
+}
+
+fn case(name: &str, which: &str) -> String {
+    ref_dir().join(name).join(which).to_str().unwrap().to_string()
+}
+
+fn overfill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn overfill_ok(args: &[&str]) -> String {
+    let out = overfill(args);
+    assert!(
+        out.status.success(),
+        "overfill {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// stderr of a run that must fail (and not panic).
+fn overfill_err(args: &[&str]) -> String {
+    let out = overfill(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "overfill {args:?} succeeded");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// The `--json` object: the last line of stdout.
+fn last_json(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<i64>> {
+    (0..t.size()[0]).map(|r| to_vec_i64(&t.get(r))).collect()
+}
+
+fn joined(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn decoder_flag_matches_transformers_for_one_prompt_and_a_jsonl_batch() {
+    for name in ["llama3", "qwen2_bias"] {
+        let refs = read_refs(&ref_dir().join(name).join("ref.safetensors"));
+        let (full, decoder) = (case(name, "full"), case(name, "decoder"));
+        let prompt = joined(&to_vec_i64(&refs["single.prompt"]));
+        let expected = to_vec_i64(&refs["single.tokens"]);
+        let n = expected.len().to_string();
+        let base = ["generate", "--model", &full, "--decoder", &decoder, "--max-new-tokens", &n];
+        let out = last_json(&overfill_ok(
+            &[&base[..], &["--prompt-ids", &prompt, "--stop-ids", "none", "--json"]].concat(),
+        ));
+        assert_eq!(ids(&out["token_ids"]), expected, "{name}");
+        assert_eq!(out["two_stage"], true);
+        assert_eq!(out["decode_steps"], expected.len() as u64 - 1);
+        for key in ["prefill_seconds", "decode_seconds", "decode_tokens_per_second"] {
+            assert!(out[key].as_f64().unwrap() > 0.0, "{name}: {key} in {out}");
+        }
+        // By default rows stop at the model's eos id (2 in these configs), which is kept.
+        let out = last_json(&overfill_ok(&[&base[..], &["--prompt-ids", &prompt, "--json"]].concat()));
+        let cut = expected.iter().position(|&t| t == 2).map_or(expected.len(), |p| p + 1);
+        assert_eq!(ids(&out["token_ids"]), expected[..cut].to_vec(), "{name}: eos stop");
+
+        // --input: the rows of different lengths generated as one batch; one JSON line per row,
+        // then the --json object.
+        let jsonl = ref_dir().join(name).join("batch.jsonl");
+        let stdout = overfill_ok(
+            &[&base[..], &["--input", jsonl.to_str().unwrap(), "--stop-ids", "none", "--json"]].concat(),
+        );
+        let expected = rows(&refs["batch.tokens"]);
+        let lines: Vec<Value> = stdout.trim().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), expected.len() + 1);
+        for (row, line) in lines[..expected.len()].iter().enumerate() {
+            assert_eq!(line["row"], row as u64);
+            assert_eq!(ids(&line["token_ids"]), expected[row], "{name}: row {row}");
+        }
+        let out = &lines[expected.len()];
+        let got: Vec<Vec<i64>> = out["token_ids"].as_array().unwrap().iter().map(ids).collect();
+        assert_eq!(got, expected, "{name}: batch");
+        assert_eq!(out["batch_size"], 3);
+
+        // --refresh-every 3: the full model re-runs the decoder's tokens every 3 slots.
+        let out = last_json(&overfill_ok(
+            &[&base[..], &["--input", jsonl.to_str().unwrap(), "--stop-ids", "none", "--refresh-every", "3", "--json"]]
+                .concat(),
+        ));
+        let got: Vec<Vec<i64>> = out["token_ids"].as_array().unwrap().iter().map(ids).collect();
+        assert_eq!(got, rows(&refs["refresh3.batch.tokens"]), "{name}: refresh");
+        assert_eq!(out["refreshes"], 2);
+        assert!(out["refresh_seconds"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn seeded_sampling_reproduces_and_top_k_one_is_greedy() {
+    let (full, decoder) = (case("llama3", "full"), case("llama3", "decoder"));
+    let jsonl = ref_dir().join("llama3").join("batch.jsonl");
+    let run = |extra: &[&str]| -> Vec<Vec<i64>> {
+        let base = [
+            "generate", "--model", &full, "--decoder", &decoder, "--input", jsonl.to_str().unwrap(),
+            "--max-new-tokens", "12", "--stop-ids", "none", "--json",
+        ];
+        let out = last_json(&overfill_ok(&[&base[..], extra].concat()));
+        out["token_ids"].as_array().unwrap().iter().map(ids).collect()
+    };
+    let sampled = run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "17"]);
+    assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "17"]));
+    assert_ne!(sampled, run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "18"]));
+    let greedy = run(&[]);
+    assert_ne!(sampled, greedy);
+    assert_eq!(run(&["--temperature", "0.8", "--top-k", "1", "--seed", "3"]), greedy);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let (full, decoder) = (case("llama3", "full"), case("llama3", "decoder"));
+    let shallow = case("llama3", "shallow");
+    let err = overfill_err(&["generate", "--model", &full, "--decoder", &shallow, "--prompt-ids", "5,6"]);
+    assert!(
+        err.contains("cannot continue from --model") && err.contains("num_hidden_layers: full model 2, decoder 1"),
+        "{err}"
+    );
+    let two = ["generate", "--model", &full, "--decoder", &decoder];
+    let err = overfill_err(&[&two[..], &["--prompt-ids", ""]].concat());
+    assert!(err.contains("--prompt-ids is empty"), "{err}");
+    let err = overfill_err(&[&two[..], &["--prompt-ids", "5,97"]].concat());
+    assert!(err.contains("token id 97") && err.contains("vocabulary"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("in.jsonl");
+    std::fs::write(&jsonl, "{\"prompt_ids\": [5, 6]}\n{\"prompt_ids\": []}\n").unwrap();
+    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    assert!(err.contains("line 2") && err.contains("is empty"), "{err}");
+    std::fs::write(&jsonl, "{\"prompt_ids\": [5, 600]}\n").unwrap();
+    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    assert!(err.contains("line 1") && err.contains("token id 600"), "{err}");
+    std::fs::write(&jsonl, "{\"prompt\": \"hi\"}\n").unwrap();
+    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    assert!(err.contains("tokenizer.json"), "a text prompt needs a tokenizer: {err}");
+
+    // Longer than the model's context (max_position_embeddings 64): a warning, or with
+    // --strict an error before any work.
+    let long = joined(&(0..70).map(|i| 3 + i % 90).collect::<Vec<i64>>());
+    let err = overfill_err(&[&two[..], &["--prompt-ids", &long, "--strict"]].concat());
+    assert!(err.contains("more than the model's max_position_embeddings 64"), "{err}");
+    let out = overfill(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the prompt has 70 tokens"));
+
+    let err = overfill_err(&["generate", "--model", &full, "--prompt-ids", "5", "--refresh-every", "2"]);
+    assert!(err.contains("--decoder"), "--refresh-every needs a decoder: {err}");
+    let err = overfill_err(&[&two[..], &["--prompt-ids", "5", "--refresh-every", "0"]].concat());
+    assert!(err.contains("at least 1"), "{err}");
+    let err = overfill_err(&[&two[..], &["--prompt-ids", "5", "--temperature", "1", "--top-p", "0"]].concat());
+    assert!(err.contains("top-p must be in (0, 1]"), "{err}");
+}
+
+/// Text prompts: the same ids as transformers' apply_chat_template with the paper's template and
+/// the generation prompt; --messages and --system agree; a single text prompt streams its text.
+#[test]
+fn text_prompts_render_the_chat_template_like_transformers() {
+    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
+    if !tokenizer.join("tokenizer.json").is_file() {
+        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
+            "bos_token_id":128000,"eos_token_id":[128001,128009]}"#,
+    )
+    .unwrap();
+    let model = tmp.path().join("model");
+    let model_s = model.to_str().unwrap();
+    overfill_ok(&[
+        "init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--seed", "5",
+        "--std", "0.5", "--tokenizer", tokenizer.to_str().unwrap(),
+    ]);
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(
+        &messages,
+        r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"  What is 2 + 2?  "}]"#,
+    )
+    .unwrap();
+    let expected: Vec<i64> = serde_json::from_str(&python_script(
+        "two_stage_ref.py",
+        &["chat-ids", tokenizer.to_str().unwrap(), messages.to_str().unwrap()],
+    ))
+    .unwrap();
+    assert_eq!(expected[0], 128000, "BOS written by the template");
+
+    let gen = ["generate", "--model", model_s, "--max-new-tokens", "5"];
+    let from_messages =
+        last_json(&overfill_ok(&[&gen[..], &["--messages", messages.to_str().unwrap(), "--json"]].concat()));
+    assert_eq!(ids(&from_messages["prompt_ids"]), expected);
+    let from_prompt = last_json(&overfill_ok(
+        &[&gen[..], &["--prompt", "  What is 2 + 2?  ", "--system", "Be brief.", "--json"]].concat(),
+    ));
+    assert_eq!(ids(&from_prompt["prompt_ids"]), expected);
+    assert_eq!(from_prompt["token_ids"], from_messages["token_ids"]);
+    let raw = last_json(&overfill_ok(&[&gen[..], &["--prompt", "What is 2 + 2?", "--raw", "--json"]].concat()));
+    assert_ne!(ids(&raw["prompt_ids"]), expected);
+
+    // Streaming (no --json): the text printed is the text of the generated ids.
+    let streamed = overfill_ok(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
+    assert_eq!(streamed.trim_end_matches('\n'), from_messages["text"].as_str().unwrap());
+
+    let err = overfill_err(&[&gen[..], &["--prompt", "   "]].concat());
+    assert!(err.contains("the prompt is empty"), "{err}");
+    std::fs::write(&messages, "[]").unwrap();
+    let err = overfill_err(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
+    assert!(err.contains("has no messages"), "{err}");
+    std::fs::write(&messages, r#"[{"role":"wizard","content":"x"}]"#).unwrap();
+    let err = overfill_err(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
+    assert!(err.contains("unknown role \"wizard\""), "{err}");
+}
