@@ -1,0 +1,266 @@
+//! `overfill bench-train`: times OverFill training steps on random weights for given shapes — the
+//! trainer's own step (frozen full-model prefill, decoder forward and backward over the target,
+//! global grad-norm clipping, the trainer's AdamW) without data loading or checkpoints.
+//!
+//! Used twice: `just bench-train` compares it on CPU with a transformers loop on the same rows
+//! (`tests/python/bench_train.py`), and `scripts/gpu-check.sh` times the real 3B→1B shapes on CUDA
+//! and prints the model FLOPs utilisation (MFU) against a given peak.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use overfill_model::checkpoint::{parse_device, parse_dtype};
+use overfill_model::config::ModelConfig;
+use overfill_model::prune::prune_config;
+use overfill_model::train::{loss_sum, TrainBatch};
+use overfill_model::transformer::{random_tensors, Transformer};
+use serde::Deserialize;
+use serde_json::json;
+use tch::Device;
+
+use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+use crate::train::TrainMode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// config.json of the full model (random weights; no checkpoint is read).
+    #[arg(long)]
+    pub full_config: PathBuf,
+    /// The decoder's hidden size (the full model's when absent).
+    #[arg(long)]
+    pub hidden_size: Option<usize>,
+    /// The decoder's FFN intermediate size (the full model's when absent).
+    #[arg(long)]
+    pub intermediate_size: Option<usize>,
+    /// overfill (full prefill + decoder) or pruned (the decoder alone over context ‖ target).
+    #[arg(long, value_enum, default_value = "overfill")]
+    pub mode: TrainMode,
+    /// JSON list of {"context_ids": [..], "target_ids": [..]}: the batch of every step.
+    /// Without it: `--batch` random rows of `--context-len` + `--target-len` tokens.
+    #[arg(long)]
+    pub rows: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub context_len: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub target_len: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32 or bf16 (bf16: fp32 master weights and optimizer state, as in training).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Peak dense TFLOP/s of the device for the compute dtype, to print MFU (e.g. 989 for an
+    /// H100/H200 in bf16).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// One JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Deserialize)]
+struct Row {
+    context_ids: Vec<u32>,
+    target_ids: Vec<u32>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let device = parse_device(&args.device)?;
+    if let Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
+            bail!("--device {}: CUDA device {i} is not available", args.device);
+        }
+    }
+    let dtype = parse_dtype(&args.dtype)?;
+    let full_config = ModelConfig::from_file(&args.full_config)?;
+    let decoder_config = prune_config(
+        &full_config,
+        args.hidden_size.unwrap_or(full_config.hidden_size),
+        args.intermediate_size.unwrap_or(full_config.intermediate_size),
+    )?;
+    let rows = load_rows(&args, full_config.vocab_size)?;
+
+    // The full model is frozen in the compute dtype; the decoder trains in it with fp32 masters.
+    let full = match args.mode {
+        TrainMode::Overfill => Some(Transformer::from_tensors(
+            full_config.clone(),
+            random_tensors(&full_config, 0.02, 0, device, dtype)?,
+        )?),
+        TrainMode::Pruned | TrainMode::Sft => None,
+    };
+    let decoder = Transformer::from_tensors(
+        decoder_config.clone(),
+        random_tensors(&decoder_config, 0.02, 1, device, dtype)?,
+    )?;
+    decoder.set_requires_grad(true);
+    let mut optimizer = AdamW::new(
+        decoder.parameters(),
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    )?;
+    let row_refs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (r.context_ids.as_slice(), r.target_ids.as_slice())).collect();
+    let batch = TrainBatch::from_rows(&row_refs, device)?;
+    let predicted = batch.predicted_tokens;
+    if predicted == 0 {
+        bail!("the rows predict no token: every target needs at least 2 tokens");
+    }
+
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        optimizer.zero_grad();
+        let loss = loss_sum(&decoder, full.as_ref(), &batch)? / predicted as f64;
+        loss.f_backward().context("backward")?;
+        optimizer.accumulate_micro_batch();
+        let grad_norm = optimizer.grad_norm();
+        optimizer.step(1e-5, clip_coefficient(grad_norm, 1.0));
+        let loss = loss.double_value(&[]); // waits for the device
+        if !loss.is_finite() {
+            bail!("step {i}: the loss is {loss}");
+        }
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step_seconds = times[times.len() / 2];
+
+    let context_tokens: usize = rows.iter().map(|r| r.context_ids.len()).sum();
+    let flops = step_flops(&full_config, &decoder_config, &rows, args.mode);
+    let achieved_tflops = flops / step_seconds / 1e12;
+    let mfu = args.peak_tflops.map(|peak| achieved_tflops / peak);
+    let peak_rss_mib = crate::train::memory::process_memory().peak_rss_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
+    let report = json!({
+        "impl": "overfill",
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "rows": rows.len(),
+        "context_tokens": context_tokens,
+        "predicted_tokens": predicted,
+        "step_seconds": step_seconds,
+        "tokens_per_sec": predicted as f64 / step_seconds,
+        "model_tflops_per_step": flops / 1e12,
+        "achieved_tflops": achieved_tflops,
+        "mfu": mfu,
+        "peak_rss_mib": peak_rss_mib,
+        "full_params": full_config.param_count(),
+        "decoder_params": decoder_config.param_count(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "step {:.1} ms, {:.0} target tokens/s, {:.2} TFLOP/s{}",
+            step_seconds * 1e3,
+            predicted as f64 / step_seconds,
+            achieved_tflops,
+            mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m)).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn load_rows(args: &Args, vocab_size: usize) -> Result<Vec<Row>> {
+    let rows: Vec<Row> = match &args.rows {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {} (a JSON list of {{context_ids, target_ids}})", path.display()))?
+        }
+        None => {
+            if args.batch == 0 || args.context_len == 0 || args.target_len < 2 {
+                bail!("--batch and --context-len must be positive and --target-len at least 2");
+            }
+            // Deterministic pseudo-random ids (a multiplicative hash), no RNG state to seed.
+            let id = |i: usize| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as u32 % vocab_size as u32;
+            (0..args.batch)
+                .map(|b| Row {
+                    context_ids: (0..args.context_len).map(|i| id(b * 1_000_003 + i)).collect(),
+                    target_ids: (0..args.target_len).map(|i| id(b * 1_000_003 + 500_000 + i)).collect(),
+                })
+                .collect()
+        }
+    };
+    if rows.is_empty() {
+        bail!("no rows to train on");
+    }
+    if let Some(bad) = rows.iter().flat_map(|r| r.context_ids.iter().chain(&r.target_ids)).find(|&&t| t as usize >= vocab_size) {
+        bail!("token id {bad} is outside the model's vocabulary of {vocab_size}");
+    }
+    Ok(rows)
+}
+
+/// Model FLOPs of one step (the usual 2 per multiply-add; backward twice the forward), counting real
+/// tokens only: the full model's forward over the contexts (its LM head is not run), and the
+/// decoder's forward and backward over the target inputs (OverFill) or over context ‖ target
+/// (pruned), with the LM head on the predicted positions. Attention scores count each query
+/// against the keys it may see (causal).
+fn step_flops(full: &ModelConfig, decoder: &ModelConfig, rows: &[Row], mode: TrainMode) -> f64 {
+    let matmul_params = |c: &ModelConfig| -> f64 {
+        let (d, i, hd) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim as f64);
+        let (h, kv) = (c.num_attention_heads as f64, c.num_key_value_heads as f64);
+        let per_layer = d * h * hd * 2.0 + d * kv * hd * 2.0 + 3.0 * d * i;
+        per_layer * c.num_hidden_layers as f64
+    };
+    // QK^T and AV for one query attending to `keys` keys.
+    let attention = |c: &ModelConfig, keys: f64| -> f64 {
+        2.0 * 2.0 * keys * (c.num_attention_heads * c.head_dim) as f64 * c.num_hidden_layers as f64
+    };
+    let mut flops = 0.0;
+    for row in rows {
+        let (ctx, n) = (row.context_ids.len() as f64, (row.target_ids.len() - 1) as f64);
+        let causal_sum = |start: f64, count: f64| count * start + count * (count + 1.0) / 2.0;
+        let head = 2.0 * (decoder.hidden_size * decoder.vocab_size) as f64 * n;
+        match mode {
+            TrainMode::Overfill => {
+                flops += 2.0 * matmul_params(full) * ctx + attention(full, 1.0) * causal_sum(0.0, ctx);
+                flops += 3.0 * (2.0 * matmul_params(decoder) * n + attention(decoder, 1.0) * causal_sum(ctx, n) + head);
+            }
+            TrainMode::Pruned | TrainMode::Sft => {
+                let total = ctx + n;
+                flops += 3.0 * (2.0 * matmul_params(decoder) * total + attention(decoder, 1.0) * causal_sum(0.0, total) + head);
+            }
+        }
+    }
+    flops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_of_a_dense_step_match_the_6nd_rule() {
+        // Without attention terms, a decoder-only step is 6 · params · tokens (+ the LM head).
+        let config = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+                "rms_norm_eps":1e-5,"max_position_embeddings":128}"#,
+        )
+        .unwrap();
+        let rows = vec![Row { context_ids: vec![1; 10], target_ids: vec![1; 6] }];
+        let flops = step_flops(&config, &config, &rows, TrainMode::Pruned);
+        let per_layer = (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) as f64;
+        let matmuls = 6.0 * per_layer * 2.0 * 15.0;
+        let head = 6.0 * (64 * 100) as f64 * 5.0;
+        let attention = 3.0 * 4.0 * 64.0 * 2.0 * (15.0 * 16.0 / 2.0);
+        assert!((flops - (matmuls + head + attention)).abs() < 1e-6 * flops);
+    }
+}
