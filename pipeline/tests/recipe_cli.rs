@@ -169,20 +169,27 @@ fn config_prints_the_resolved_recipe_which_round_trips() {
         "--max-seq-length", "512", "--languages", "en,de", "--val-fraction", "0.1", "--hidden-size", "40",
         "--calib-size", "4", "--set", "train.learning_rate=3e-4", "--set", "data.shards=work/elsewhere",
     ];
-    for recipe in &recipes {
-        let path = recipe.to_str().unwrap();
-        for extra in [&[][..], &flags[..]] {
-            let first = String::from_utf8(ok(overfill(d, &[&["config", "--config", path], extra].concat()), "config").stdout).unwrap();
-            std::fs::write(d.join("resolved.toml"), &first).unwrap();
-            let second = String::from_utf8(ok(overfill(d, &["config", "--config", "resolved.toml"]), "config of config").stdout).unwrap();
-            assert_eq!(values(&second), values(&first), "{path} {extra:?}:\n{first}\n---\n{second}");
-            // Read back, every value is the file's.
-            assert!(second.lines().filter(|l| !l.starts_with("# ") && l.contains("  # ")).all(|l| l.ends_with("# recipe")), "{second}");
-            // --output writes the same text.
-            ok(overfill(d, &[&["config", "--config", path, "--output", "out.toml"], extra].concat()), "config --output");
-            assert_eq!(std::fs::read_to_string(d.join("out.toml")).unwrap(), first);
+    // Each recipe, as it is and with flags, printed, read back and printed again (in parallel: most
+    // of a run's time is loading libtorch).
+    let cases: Vec<(&PathBuf, &[&str])> = recipes.iter().flat_map(|r| [(r, &[][..]), (r, &flags[..])]).collect();
+    std::thread::scope(|scope| {
+        for (i, (recipe, extra)) in cases.into_iter().enumerate() {
+            scope.spawn(move || {
+                let path = recipe.to_str().unwrap();
+                let first = String::from_utf8(ok(overfill(d, &[&["config", "--config", path], extra].concat()), "config").stdout).unwrap();
+                let resolved = format!("resolved-{i}.toml");
+                std::fs::write(d.join(&resolved), &first).unwrap();
+                let second = String::from_utf8(ok(overfill(d, &["config", "--config", &resolved]), "config of config").stdout).unwrap();
+                assert_eq!(values(&second), values(&first), "{path} {extra:?}:\n{first}\n---\n{second}");
+                // Read back, every value is the file's.
+                assert!(second.lines().filter(|l| !l.starts_with("# ") && l.contains("  # ")).all(|l| l.ends_with("# recipe")), "{second}");
+            });
         }
-    }
+    });
+    // --output writes what stdout shows.
+    let shown = ok(overfill(d, &[&["config", "--config", "cli.toml"], &flags[..]].concat()), "config").stdout;
+    ok(overfill(d, &[&["config", "--config", "cli.toml", "--output", "out.toml"], &flags[..]].concat()), "config --output");
+    assert_eq!(std::fs::read(d.join("out.toml")).unwrap(), shown);
     // Origins: a flag, a recipe value, a default, an unset key cleared by a flag.
     let text = String::from_utf8(ok(overfill(d, &[&["config", "--config", "cli.toml"], &flags[..]].concat()), "config").stdout).unwrap();
     let line = |start: &str| text.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("{start:?} in\n{text}")).to_string();
