@@ -7,7 +7,7 @@
 //! a binary built here runs against another machine's torch install.
 use std::path::PathBuf;
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=../build-support/rpath.rs");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {

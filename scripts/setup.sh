@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 
-# System packages the Rust build needs: protoc (TensorBoard event protos of the `tboard` crate).
+# System packages the Rust build needs: protoc (TensorBoard event protos of the `tboard` crate),
+# and the Gloo headers the c10d shim includes (the torch wheel ships ProcessGroupGloo.hpp, not gloo/).
 need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -f /usr/include/gloo/config.h ] || need_apt+=(libgloo-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_apt[*]} (apt-get)" >&2

@@ -6,10 +6,12 @@ use clap::{Parser, Subcommand};
 
 mod calibrate_prune;
 mod config_cmd;
+mod dist;
 mod eval_loss;
 mod generate;
 mod init_model;
 mod inspect;
+mod launch;
 mod preprocess;
 mod recipe;
 mod synth_data;
@@ -42,6 +44,11 @@ enum Command {
     Train(train::Args),
     /// Mean cross-entropy over predicted target tokens of a decoder on a split.
     EvalLoss(eval_loss::Args),
+    /// Run an overfill command (e.g. `train`) as N data-parallel ranks on this node, torchrun-style.
+    Launch(launch::Args),
+    /// Benchmark helper: all-reduce throughput of the c10d shim (run under `overfill launch`).
+    #[command(hide = true)]
+    DebugAllreduce(dist::bench::Args),
     /// Test helper: write made-up training scalars to a TensorBoard event file.
     #[command(hide = true)]
     DebugWriteEvents(train::events::DebugWriteEventsArgs),
@@ -59,6 +66,8 @@ fn main() -> Result<()> {
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
         Command::EvalLoss(args) => eval_loss::run(args),
+        Command::Launch(args) => launch::run(args),
+        Command::DebugAllreduce(args) => dist::bench::run(args),
         Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
     }
 }

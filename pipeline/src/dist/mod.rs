@@ -1,0 +1,281 @@
+//! Data-parallel runtime over libtorch's own c10d (issue 9): rendezvous from the standard
+//! environment (torchrun's `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT`, or SLURM's
+//! `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`), a TCPStore, and ProcessGroupGloo (CPU) or
+//! ProcessGroupNCCL (CUDA) through the C++ shim in `shim.cpp`.
+//!
+//! Faults: every collective runs under the group's timeout, and a failed one is reported with a
+//! diagnosis of the other ranks read from the rendezvous store (which rank is gone or behind), so
+//! a dead or hung peer ends this rank with an error naming it instead of a silent hang.
+pub mod bench;
+mod ffi;
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+pub use ffi::has_nccl;
+
+/// Flattened all-reduce buckets (PyTorch DDP's default bucket cap).
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+/// torchrun's default rendezvous port.
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// Where this process sits in the job, read from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// "torchrun" or "slurm": which variables were read (for messages).
+    pub source: &'static str,
+}
+
+impl DistEnv {
+    /// None when neither torchrun's nor SLURM's variables are set (a plain single process).
+    pub fn from_env() -> Result<Option<DistEnv>> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<DistEnv>> {
+        let number = |name: &str| -> Result<Option<usize>> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| anyhow!("{name}={v:?} is not a non-negative integer")),
+            }
+        };
+        let (rank, world_size, local_rank, source) = if let (Some(rank), Some(world)) = (number("RANK")?, number("WORLD_SIZE")?) {
+            (rank, world, number("LOCAL_RANK")?.unwrap_or(rank), "torchrun")
+        } else if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            bail!("RANK and WORLD_SIZE must be set together (torchrun sets both)");
+        } else if let (Some(rank), Some(world)) = (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
+            (rank, world, number("SLURM_LOCALID")?.unwrap_or(0), "slurm")
+        } else {
+            return Ok(None);
+        };
+        if world_size == 0 || rank >= world_size {
+            bail!("rank {rank} is outside the world size {world_size} ({source} environment)");
+        }
+        let master_addr = get("MASTER_ADDR").filter(|a| !a.trim().is_empty());
+        let master_addr = match master_addr {
+            Some(a) => a.trim().to_string(),
+            None if world_size == 1 => "127.0.0.1".to_string(),
+            None if source == "slurm" => bail!(
+                "SLURM job of {world_size} tasks: set MASTER_ADDR (e.g. the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`) and MASTER_PORT"
+            ),
+            None => bail!("WORLD_SIZE={world_size} but MASTER_ADDR is not set"),
+        };
+        let master_port = match get("MASTER_PORT").filter(|p| !p.trim().is_empty()) {
+            Some(p) => p.trim().parse::<u16>().map_err(|_| anyhow!("MASTER_PORT={p:?} is not a port number"))?,
+            None => DEFAULT_MASTER_PORT,
+        };
+        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port, source }))
+    }
+}
+
+/// This process's view of the job: rank, world size and (above world size 1) the process group.
+pub struct Dist {
+    rank: usize,
+    world_size: usize,
+    local_rank: usize,
+    group: Option<ffi::Group>,
+    bucket_bytes: usize,
+    timeout: Duration,
+    /// Collectives issued so far (published to the store before each, for fault diagnosis).
+    calls: Cell<u64>,
+    host: String,
+}
+
+impl Dist {
+    /// One process, no communication: every collective is the identity.
+    pub fn single() -> Dist {
+        Dist { rank: 0, world_size: 1, local_rank: 0, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Cell::new(0), host: host_name() }
+    }
+
+    /// Joins the job the environment describes (world size 1 when it describes none), with the
+    /// backend that fits `device` (NCCL on CUDA, Gloo on CPU) and `timeout` on every collective.
+    pub fn from_env(device: Device, timeout: Duration) -> Result<Dist> {
+        match DistEnv::from_env()? {
+            None => Ok(Dist::single()),
+            Some(env) => Dist::join(&env, device, timeout),
+        }
+    }
+
+    pub fn join(env: &DistEnv, device: Device, timeout: Duration) -> Result<Dist> {
+        if env.world_size == 1 && !matches!(device, Device::Cuda(_)) {
+            return Ok(Dist { local_rank: env.local_rank, ..Dist::single() });
+        }
+        let (backend, device_index) = match device {
+            Device::Cuda(i) => ("nccl", i),
+            _ => ("gloo", 0),
+        };
+        let group = ffi::Group::new(backend, &env.master_addr, env.master_port, env.rank, env.world_size, timeout, device_index)
+            .with_context(|| {
+                format!(
+                    "rank {} of {}: joining the {backend} process group at {}:{} (timeout {:?}, {} environment)",
+                    env.rank, env.world_size, env.master_addr, env.master_port, timeout, env.source
+                )
+            })?;
+        let dist = Dist {
+            rank: env.rank,
+            world_size: env.world_size,
+            local_rank: env.local_rank,
+            group: Some(group),
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            timeout,
+            calls: Cell::new(0),
+            host: host_name(),
+        };
+        if let Some(group) = &dist.group {
+            let who = format!("{} {}", dist.host, std::process::id());
+            group.store_set(&format!("pid/{}", dist.rank), who.as_bytes()).map_err(|e| dist.failure("publishing this rank's pid", e))?;
+            group.store_set(&format!("calls/{}", dist.rank), b"0").map_err(|e| dist.failure("publishing progress", e))?;
+        }
+        dist.barrier()?;
+        Ok(dist)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Bucket cap of `all_reduce_sum` (bytes).
+    pub fn set_bucket_bytes(&mut self, bytes: usize) {
+        self.bucket_bytes = bytes.max(1);
+    }
+
+    /// Sums each tensor over ranks, in place (bucketed: same-dtype tensors flattened into buckets of
+    /// at most the bucket cap, one collective per bucket).
+    pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+        self.collective("all-reduce", |g| g.all_reduce_sum(tensors, self.bucket_bytes))
+    }
+
+    /// Sums host-side numbers over ranks (in f64).
+    pub fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
+        if self.group.is_none() || values.is_empty() {
+            return Ok(());
+        }
+        let t = Tensor::from_slice(values).to_kind(Kind::Double);
+        self.all_reduce_sum(std::slice::from_ref(&t))?;
+        let summed: Vec<f64> = Vec::try_from(&t).context("reading back the all-reduced values")?;
+        values.copy_from_slice(&summed);
+        Ok(())
+    }
+
+    /// Copies rank `root`'s tensors into every rank's, in place.
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        if root >= self.world_size {
+            bail!("broadcast from rank {root} in a world of {}", self.world_size);
+        }
+        self.collective("broadcast", |g| g.broadcast(tensors, root))
+    }
+
+    /// `output` (n elements) = Σ over ranks of this rank's slice `input[rank·n..(rank+1)·n]`.
+    pub fn reduce_scatter_sum(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        if self.group.is_none() {
+            tch::no_grad(|| output.view([-1]).copy_(&input.view([-1])));
+            return Ok(());
+        }
+        self.collective("reduce-scatter", |g| g.reduce_scatter_sum(output, input))
+    }
+
+    /// `output` (world_size·n elements) = every rank's `input` (n elements) in rank order.
+    pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        if self.group.is_none() {
+            tch::no_grad(|| output.view([-1]).copy_(&input.view([-1])));
+            return Ok(());
+        }
+        self.collective("all-gather", |g| g.all_gather(output, input))
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.collective("barrier", |g| g.barrier())
+    }
+
+    fn collective(&self, what: &str, run: impl FnOnce(&ffi::Group) -> Result<()>) -> Result<()> {
+        let Some(group) = &self.group else { return Ok(()) };
+        let n = self.calls.get() + 1;
+        self.calls.set(n);
+        group.store_set(&format!("calls/{}", self.rank), n.to_string().as_bytes()).map_err(|e| self.failure(what, e))?;
+        run(group).map_err(|e| self.failure(what, e))
+    }
+
+    /// The error of a failed collective, with what the store says about the other ranks.
+    fn failure(&self, what: &str, error: anyhow::Error) -> anyhow::Error {
+        let diagnosis = self.diagnose();
+        anyhow!(
+            "rank {} of {}: {what} failed (collective timeout {} s): {error:#}{diagnosis}",
+            self.rank,
+            self.world_size,
+            self.timeout.as_secs_f64()
+        )
+    }
+
+    /// Which peers are gone (exited, on this host) or behind (fewer collectives issued: hung or
+    /// dead elsewhere); rank 0 is named when the store it hosts no longer answers.
+    fn diagnose(&self) -> String {
+        let Some(group) = &self.group else { return String::new() };
+        let mine = self.calls.get();
+        let mut gone = Vec::new();
+        let mut behind = Vec::new();
+        for peer in (0..self.world_size).filter(|&r| r != self.rank) {
+            let pid = match group.store_get(&format!("pid/{peer}")) {
+                Ok(v) => v,
+                Err(_) => {
+                    return format!(
+                        "\n  the rendezvous store hosted by rank 0 no longer answers: rank 0 has died or is unreachable"
+                    )
+                }
+            };
+            if let Some(pid) = pid.map(|v| String::from_utf8_lossy(&v).into_owned()) {
+                if let Some((host, pid)) = pid.rsplit_once(' ') {
+                    if host == self.host && !process_alive(pid) {
+                        gone.push(format!("rank {peer} (pid {pid}) has exited"));
+                        continue;
+                    }
+                }
+            }
+            let calls = group
+                .store_get(&format!("calls/{peer}"))
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8_lossy(&v).parse::<u64>().ok());
+            if let Some(calls) = calls {
+                if calls < mine {
+                    behind.push(format!("rank {peer} is behind (collective {calls}, this rank at {mine}): hung, or dead on another host"));
+                }
+            }
+        }
+        if gone.is_empty() && behind.is_empty() {
+            return String::new();
+        }
+        format!("\n  {}", gone.into_iter().chain(behind).collect::<Vec<_>>().join("\n  "))
+    }
+}
+
+/// Whether a process of this host is still running (a zombie, exited but not yet reaped by its
+/// launcher, counts as gone).
+fn process_alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => !matches!(stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()), Some(Some('Z' | 'X'))),
+        Err(_) => false,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
