@@ -60,3 +60,7 @@ bench-preprocess: build
 # Calibration throughput against the Python reference (ratio) and memory in calib_size.
 bench-calibrate: build
     bash scripts/bench-calibrate.sh
+
+# All-reduce throughput of overfill's c10d shim vs torch.distributed (Gloo, 2 processes, 1..256 MiB).
+bench-ddp *flags: setup
+    bash scripts/bench-ddp.sh {{flags}}

@@ -9,7 +9,8 @@
 pub mod bench;
 mod ffi;
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -82,18 +83,58 @@ pub struct Dist {
     rank: usize,
     world_size: usize,
     local_rank: usize,
-    group: Option<ffi::Group>,
+    group: Option<Arc<ffi::Group>>,
     bucket_bytes: usize,
     timeout: Duration,
-    /// Collectives issued so far (published to the store before each, for fault diagnosis).
-    calls: Cell<u64>,
+    /// Collectives issued so far, published to the store by the heartbeat thread (a store write
+    /// per collective would cost milliseconds each) for fault diagnosis.
+    calls: Arc<AtomicU64>,
+    heartbeat: Option<Heartbeat>,
     host: String,
+}
+
+/// Publishes this rank's collective count to the store every `HEARTBEAT` while it changes.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const HEARTBEAT: Duration = Duration::from_millis(200);
+
+impl Heartbeat {
+    fn start(group: Arc<ffi::Group>, rank: usize, calls: Arc<AtomicU64>) -> Heartbeat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut published = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(HEARTBEAT);
+                    let now = calls.load(Ordering::Relaxed);
+                    // Errors surface in the main thread's next collective; nothing to do here.
+                    if now != published && group.store_set(&format!("calls/{rank}"), now.to_string().as_bytes()).is_ok() {
+                        published = now;
+                    }
+                }
+            })
+        };
+        Heartbeat { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Dist {
     /// One process, no communication: every collective is the identity.
     pub fn single() -> Dist {
-        Dist { rank: 0, world_size: 1, local_rank: 0, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Cell::new(0), host: host_name() }
+        Dist { rank: 0, world_size: 1, local_rank: 0, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Arc::default(), heartbeat: None, host: host_name() }
     }
 
     /// Joins the job the environment describes (world size 1 when it describes none), with the
@@ -120,14 +161,15 @@ impl Dist {
                     env.rank, env.world_size, env.master_addr, env.master_port, timeout, env.source
                 )
             })?;
-        let dist = Dist {
+        let mut dist = Dist {
             rank: env.rank,
             world_size: env.world_size,
             local_rank: env.local_rank,
-            group: Some(group),
+            group: Some(Arc::new(group)),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             timeout,
-            calls: Cell::new(0),
+            calls: Arc::default(),
+            heartbeat: None,
             host: host_name(),
         };
         if let Some(group) = &dist.group {
@@ -136,6 +178,9 @@ impl Dist {
             group.store_set(&format!("calls/{}", dist.rank), b"0").map_err(|e| dist.failure("publishing progress", e))?;
         }
         dist.barrier()?;
+        if let Some(group) = &dist.group {
+            dist.heartbeat = Some(Heartbeat::start(group.clone(), dist.rank, dist.calls.clone()));
+        }
         Ok(dist)
     }
 
@@ -207,9 +252,7 @@ impl Dist {
 
     fn collective(&self, what: &str, run: impl FnOnce(&ffi::Group) -> Result<()>) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };
-        let n = self.calls.get() + 1;
-        self.calls.set(n);
-        group.store_set(&format!("calls/{}", self.rank), n.to_string().as_bytes()).map_err(|e| self.failure(what, e))?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
         run(group).map_err(|e| self.failure(what, e))
     }
 
@@ -228,7 +271,7 @@ impl Dist {
     /// dead elsewhere); rank 0 is named when the store it hosts no longer answers.
     fn diagnose(&self) -> String {
         let Some(group) = &self.group else { return String::new() };
-        let mine = self.calls.get();
+        let mine = self.calls.load(Ordering::Relaxed);
         let mut gone = Vec::new();
         let mut behind = Vec::new();
         for peer in (0..self.world_size).filter(|&r| r != self.rank) {
