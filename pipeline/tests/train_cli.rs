@@ -347,3 +347,42 @@ fn bad_input_is_refused_before_any_work() {
     let err = overfill_err(dir, &["eval-loss", "--full", "full", "--decoder", "two-layers", "--data", "shards", "--json"]);
     assert!(err.contains("num_hidden_layers"), "{err}");
 }
+
+#[test]
+fn non_finite_steps_are_skipped_then_the_run_stops() {
+    let dir = fixture();
+    // lr 1e30: the first update makes every weight huge, every later loss is not finite.
+    let err = overfill_err(
+        dir,
+        &["train", "--config", "recipe.toml", "--out", "diverged", "--lr", "1e30", "--max-steps", "10", "--set", "train.max_bad_steps=3"],
+    );
+    assert!(err.contains("3 optimizer steps in a row had a non-finite loss or gradient"), "{err}");
+    let log = log_lines(&dir.join("diverged"));
+    let last = log.last().unwrap();
+    assert_eq!(last["step"], 4, "step 1 updates, steps 2-4 are skipped, then the run stops");
+    assert_eq!(last["skipped_steps"], 3);
+    assert!(!dir.join("diverged/final").exists(), "no final decoder from a diverged run");
+}
+
+#[test]
+fn bf16_keeps_fp32_masters_and_tracks_the_f32_run() {
+    let dir = fixture();
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "f32-run", "--max-steps", "3"]);
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "bf16-run", "--max-steps", "3", "--dtype", "bf16"]);
+    let (f32_losses, bf16_losses) = (train_losses(&dir.join("f32-run")), train_losses(&dir.join("bf16-run")));
+    assert_eq!(f32_losses.len(), 3);
+    for ((step, a, _), (_, b, _)) in f32_losses.iter().zip(&bf16_losses) {
+        assert!((a - b).abs() <= 0.02, "step {step}: f32 loss {a}, bf16 loss {b}");
+    }
+    let state: BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("bf16-run/checkpoint-3/optimizer.safetensors")).unwrap().into_iter().collect();
+    let decoder = weights(&dir.join("bf16-run/checkpoint-3"));
+    for (name, weight) in &decoder {
+        assert_eq!(weight.kind(), tch::Kind::BFloat16, "{name}");
+        let master = &state[&format!("master.{name}")];
+        assert_eq!(master.kind(), tch::Kind::Float, "{name}");
+        assert_eq!(state[&format!("exp_avg.{name}")].kind(), tch::Kind::Float, "{name}");
+        // The bf16 weights are the masters rounded.
+        let rounded = master.to_kind(tch::Kind::BFloat16);
+        assert!(rounded.equal(weight), "{name}: the bf16 copy is not the rounded master");
+    }
+}

@@ -249,6 +249,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         let lr = learning_rate(t.learning_rate, t.lr_schedule, warmup, total_steps, step);
 
         optimizer.zero_grad();
+        let mut abort: Option<String> = None;
         let mut local_loss = Tensor::zeros([], (Kind::Double, device));
         if total_tokens > 0 {
             for micro in batches.micro.into_iter().flatten() {
@@ -276,14 +277,14 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
             state.bad_step_streak += 1;
             say(&progress, format!("step {step}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped"));
             if state.bad_step_streak >= t.max_bad_steps {
-                bail!(
+                abort = Some(format!(
                     "{} optimizer steps in a row had a non-finite loss or gradient (the last at step {step}: loss {loss}, \
                      gradient norm {grad_norm}); stopping. Lower the learning rate (now {}) or check the data; \
                      the newest checkpoint in {} is unaffected",
                     state.bad_step_streak,
                     t.learning_rate,
                     settings.out.display()
-                );
+                ));
             }
         } else {
             optimizer.step(lr, clip_coefficient(grad_norm, t.max_grad_norm));
@@ -305,7 +306,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         progress.set_message(format!("loss {last_loss:.4} | lr {lr:.2e} | {tokens_per_sec:.0} tok/s"));
         progress.set_position(step);
 
-        if step % t.logging_steps == 0 || step == end_step {
+        if step % t.logging_steps == 0 || step == end_step || abort.is_some() {
             let window_loss = window.loss_sum / window.predicted_tokens;
             if let Some(events) = &mut events {
                 let mut scalars = vec![
@@ -347,6 +348,13 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
             window = Window::default();
         }
 
+        if let Some(message) = abort {
+            if let Some(events) = &mut events {
+                events.flush()?;
+            }
+            progress.abandon();
+            bail!(message);
+        }
         if t.eval_steps > 0 && step % t.eval_steps == 0 {
             if let Some(loss) = eval(&decoder, step, &mut events, &mut log_file)? {
                 say(&progress, format!("step {step}: eval/loss {loss:.4}"));
