@@ -49,7 +49,8 @@ pub struct Flags {
     /// ([preprocess] pre_filter_max_seq_length).
     #[arg(long)]
     pre_filter_max_seq_length: Option<usize>,
-    /// Allowed languages, comma separated; rows without a language tag pass ([preprocess] languages).
+    /// Allowed languages, comma separated; rows without a language tag pass; "" allows all
+    /// ([preprocess] languages).
     #[arg(long, value_delimiter = ',')]
     languages: Option<Vec<String>>,
     /// Seed of the shuffle and the train/validation split ([preprocess] seed).
@@ -83,7 +84,9 @@ impl Flags {
         recipe.flag(&["preprocess.pre_filter_max_seq_length"], self.pre_filter_max_seq_length, |r, v| {
             r.preprocess.pre_filter_max_seq_length = Some(v)
         });
-        recipe.flag(&["preprocess.languages"], self.languages.clone(), |r, v| r.preprocess.languages = v);
+        // `--languages ""` clears the list (every language passes).
+        let languages = self.languages.as_ref().map(|l| l.iter().filter(|x| !x.is_empty()).cloned().collect());
+        recipe.flag(&["preprocess.languages"], languages, |r, v| r.preprocess.languages = v);
         recipe.flag(&["preprocess.seed"], self.seed, |r, v| r.preprocess.seed = v);
         recipe.flag(&["preprocess.dedup"], self.dedup.then_some(true), |r, v| r.preprocess.dedup = v);
         recipe.flag(&["preprocess.max_bad_fraction"], self.max_bad_fraction, |r, v| r.preprocess.max_bad_fraction = v);

@@ -9,22 +9,21 @@
 //! ```
 //!
 //! Values go through serde (the same `Serialize` the reader's `Deserialize` mirrors), so reading
-//! the text back gives the same recipe. Keys that are not set are printed as comments.
+//! the text back gives the same recipe. Tables and keys come in the order of the structs (the
+//! stages' order); keys that are not set are printed as comments.
 use anyhow::{Context, Result};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value as Json;
 
 use super::{Origin, Recipe};
 
-/// Top-level keys in print order (anything else after them).
-const ORDER: &[&str] = &["name", "model", "data", "sources", "preprocess", "calibrate", "prune", "train"];
-
 pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
-    // JSON keeps unset options (null), which a TOML serializer drops.
-    let Json::Object(top) = serde_json::to_value(recipe).context("serializing the recipe")? else {
+    // Through JSON text: it keeps unset options (null), which a TOML serializer drops, and its
+    // fields come in struct order, which `Node` keeps.
+    let json = serde_json::to_string(recipe).context("serializing the recipe")?;
+    let Node::Table(top) = serde_json::from_str::<Node>(&json).context("reading the serialized recipe")? else {
         anyhow::bail!("the recipe did not serialize to a table");
     };
-    let mut keys: Vec<&String> = ORDER.iter().filter_map(|k| top.get_key_value(*k).map(|(k, _)| k)).collect();
-    keys.extend(top.keys().filter(|k| !ORDER.contains(&k.as_str())));
 
     let mut out = String::new();
     out.push_str("# The resolved recipe");
@@ -35,46 +34,116 @@ pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
     out.push_str("# Each value says where it came from: `recipe` (the file), `flag` (the command line) or\n");
     out.push_str("# `default` (built in). Keys that are not set are shown as comments. Feed it back with --config.\n");
 
-    // Top-level scalars first: after a table header every key belongs to that table.
-    for key in &keys {
-        let value = &top[key.as_str()];
-        if !value.is_object() && !is_table_array(value) {
+    // Top-level values first: after a table header every key belongs to that table.
+    for (key, node) in &top {
+        if let Node::Value(value) = node {
             out.push_str(&line(key, value, recipe.origin(key))?);
         }
     }
-    for key in &keys {
-        let value = &top[key.as_str()];
-        match value {
-            Json::Object(table) => {
+    for (key, node) in &top {
+        match node {
+            Node::Table(fields) => {
                 out.push_str(&format!("\n[{key}]\n"));
-                for (field, v) in table {
-                    out.push_str(&line(field, v, recipe.origin(&format!("{key}.{field}")))?);
+                for (field, node) in fields {
+                    // A list or table inside a section is a TOML value (`[]`, `{ a = 1 }`).
+                    let value = node.to_json();
+                    out.push_str(&line(field, &value, recipe.origin(&format!("{key}.{field}")))?);
                 }
             }
-            Json::Array(items) if is_table_array(value) => {
+            Node::Tables(items) => {
                 if items.is_empty() {
                     out.push_str(&format!("\n# [[{key}]]: none{}# {}\n", pad(key.len() + 11), recipe.origin(key).as_str()));
                 }
-                for item in items {
+                for fields in items {
                     out.push_str(&format!("\n[[{key}]]{}# {}\n", pad(key.len() + 4), recipe.origin(key).as_str()));
-                    if let Json::Object(table) = item {
-                        for (field, v) in table {
-                            out.push_str(&line(field, v, recipe.origin(key))?);
-                        }
+                    for (field, value) in fields {
+                        out.push_str(&line(field, value, recipe.origin(key))?);
                     }
                 }
             }
-            _ => {}
+            Node::Value(_) => {}
         }
     }
     Ok(out)
 }
 
-/// `[[sources]]`-like: a list of tables (an empty `sources` list is one too).
-fn is_table_array(value: &Json) -> bool {
-    match value {
-        Json::Array(items) => items.is_empty() || items.iter().all(Json::is_object),
-        _ => false,
+/// A serialized recipe with fields in struct order: a value, a table, or a list of tables
+/// (`[[sources]]`; an empty list of tables is `sources = []`, printed as a comment).
+enum Node {
+    Value(Json),
+    Table(Vec<(String, Node)>),
+    Tables(Vec<Vec<(String, Json)>>),
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Node, D::Error> {
+        deserializer.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a serialized recipe")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Node, A::Error> {
+        let mut fields = Vec::new();
+        while let Some((key, node)) = map.next_entry::<String, Node>()? {
+            fields.push((key, node));
+        }
+        Ok(Node::Table(fields))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Node>()? {
+            items.push(item);
+        }
+        // Tables in a list: `[[key]]` entries (one level deep, like `[[sources]]`).
+        if items.is_empty() || items.iter().all(|i| matches!(i, Node::Table(_))) {
+            let tables = items
+                .into_iter()
+                .map(|item| match item {
+                    Node::Table(fields) => fields.iter().map(|(k, v)| (k.clone(), v.to_json())).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            return Ok(Node::Tables(tables));
+        }
+        Ok(Node::Value(Json::Array(items.iter().map(Node::to_json).collect())))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::String(v.to_string())))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Node, E> {
+        Ok(Node::Value(Json::Null))
+    }
+}
+
+impl Node {
+    fn to_json(&self) -> Json {
+        match self {
+            Node::Value(v) => v.clone(),
+            Node::Table(fields) => Json::Object(fields.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
+            Node::Tables(items) => Json::Array(items.iter().map(|f| Json::Object(f.iter().cloned().collect())).collect()),
+        }
     }
 }
 
