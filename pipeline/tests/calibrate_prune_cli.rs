@@ -254,7 +254,13 @@ fn bad_input_gives_clear_errors() {
         std::fs::copy(entry.path(), mismatched.join(entry.file_name())).unwrap();
     }
     write_tokenizer(&mismatched, 300);
-    assert_clear_error(&run(&widths, &f.data, &mismatched), "tokenizer has 300 tokens");
+    // Loading only warns (real releases ship such tokenizers: Llama 3.2's <|image|>); data holding
+    // an id the model cannot embed is refused, naming the token.
+    let oov = f.dir.join("oov-named.json");
+    std::fs::write(&oov, serde_json::to_string(&vec![vec![1u32, 2, 260]; 10]).unwrap()).unwrap();
+    let out = run(&widths, &oov, &mismatched);
+    assert_clear_error(&out, "token id 260 (\"t260\")");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("44 token ids the model cannot embed"));
 
     // Scores from another model are refused.
     let other_scores = f.dir.join("other.safetensors");
