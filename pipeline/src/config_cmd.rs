@@ -18,13 +18,13 @@ use crate::{calibrate_prune, preprocess};
 pub struct Args {
     #[command(flatten)]
     recipe: RecipeArgs,
+    /// Write the resolved recipe to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
     #[command(flatten, next_help_heading = "preprocess overrides")]
     preprocess: preprocess::Flags,
     #[command(flatten, next_help_heading = "calibrate-prune overrides")]
     calibrate_prune: calibrate_prune::Flags,
-    /// Write the resolved recipe to this file instead of stdout.
-    #[arg(long, value_name = "FILE")]
-    output: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
