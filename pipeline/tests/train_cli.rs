@@ -344,6 +344,10 @@ fn bad_input_is_refused_before_any_work() {
         }
         assert!(!dir.join(&out).exists(), "{what}: the run folder was created");
     }
+    // A run folder that is one of the inputs (here the decoder, which also holds a resolved recipe).
+    let err = overfill_err(dir, &["train", "--config", "recipe.toml", "--out", "pruned"]);
+    assert!(err.contains("overlaps the decoder"), "{err}");
+    assert!(!dir.join("pruned/final").exists() && !dir.join("pruned/log.jsonl").exists());
     let err = overfill_err(dir, &["eval-loss", "--full", "full", "--decoder", "two-layers", "--data", "shards", "--json"]);
     assert!(err.contains("num_hidden_layers"), "{err}");
 }

@@ -107,6 +107,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let per_epoch = steps_per_epoch(train.len(), settings.global_batch_rows(1));
     let total_steps = (per_epoch * t.num_epochs) as u64;
+    // One run per folder at a time (released when this process ends, however it ends).
+    let _lock = overfill_data::out_lock::OutputLock::acquire(&settings.out, "train")?;
     let resume_from = match run_folder::inspect(&settings)? {
         run_folder::Existing::Fresh => None,
         run_folder::Existing::SameRun { checkpoint } => checkpoint,

@@ -61,6 +61,18 @@ pub enum Existing {
 /// `--resume` also picks the newest complete checkpoint.
 pub fn inspect(settings: &Settings) -> Result<Existing> {
     let out = &settings.out;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let inputs = [("full model", settings.full.as_deref()), ("decoder", Some(settings.decoder.as_path())), ("shard folder", Some(settings.data.as_path()))];
+    for (what, input) in inputs {
+        if let Some(input) = input {
+            if same(out, input) || input.canonicalize().is_ok_and(|i| out.canonicalize().is_ok_and(|o| i.starts_with(&o) || o.starts_with(&i))) {
+                bail!("--out {} overlaps the {what} {}; choose a separate run folder", out.display(), input.display());
+            }
+        }
+    }
     if !out.exists() {
         return Ok(Existing::Fresh);
     }
@@ -72,7 +84,9 @@ pub fn inspect(settings: &Settings) -> Result<Existing> {
         return Ok(Existing::Fresh);
     }
     let recipe_path = out.join(RECIPE_FILE);
-    if !recipe_path.is_file() {
+    // Other stages write a resolved recipe too: a model folder (config.json) or a shard folder
+    // (manifest.json) is never a run folder.
+    if !recipe_path.is_file() || out.join("config.json").exists() || out.join("manifest.json").exists() {
         bail!("--out {} is not empty and holds no {RECIPE_FILE}: not a run folder of overfill train; choose another --out", out.display());
     }
     let previous = read_train_section(&recipe_path)?;
