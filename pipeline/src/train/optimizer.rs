@@ -147,8 +147,11 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         let grads = self.gradients();
         tch::no_grad(|| {
-            for (p, grad) in self.params.iter_mut().zip(grads) {
-                let grad = if grad_scale < 1.0 { grad * grad_scale } else { grad };
+            for (p, mut grad) in self.params.iter_mut().zip(grads) {
+                // In place: the gradients are cleared before the next step anyway.
+                if grad_scale < 1.0 {
+                    let _ = grad.g_mul_scalar_(grad_scale);
+                }
                 let master = match &mut p.master {
                     Some(m) => m,
                     None => &mut p.param,
@@ -158,9 +161,13 @@ impl AdamW {
                 }
                 let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
                 let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.g_add_(&(&grad * &grad * (1.0 - beta2)));
-                let denom = (p.exp_avg_sq.sqrt() / bias_correction2_sqrt) + eps;
-                let _ = master.g_sub_(&(&p.exp_avg / denom * step_size));
+                let _ = p.exp_avg_sq.addcmul_(&grad, &(&grad * (1.0 - beta2)));
+                // master += -step_size · m / (sqrt(v) / sqrt(bc2) + eps), with two temporaries.
+                let mut denom = p.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bias_correction2_sqrt);
+                let _ = denom.g_add_scalar_(eps);
+                let _ = denom.g_div_scalar_(-step_size);
+                let _ = master.addcdiv_(&p.exp_avg, &denom);
                 if let Some(m) = &p.master {
                     p.param.copy_(&m.to_kind(p.param.kind()));
                 }
