@@ -33,9 +33,12 @@ pub struct Args {
     /// Token shards written by `overfill preprocess`.
     #[arg(long)]
     pub data: PathBuf,
+    /// The split to score.
     #[arg(long, value_enum, default_value = "val")]
     pub split: SplitArg,
-    #[arg(long, value_enum, default_value = "overfill")]
+    /// How the decoder is run: overfill (reading the full model's cache of the context), or
+    /// pruned/sft (one model over context ‖ target). The scored tokens are the same.
+    #[arg(long, value_enum, default_value = "overfill", hide_possible_values = true)]
     pub mode: TrainMode,
     /// Rows per forward pass.
     #[arg(long, default_value_t = 8)]

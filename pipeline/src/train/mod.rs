@@ -26,53 +26,55 @@ pub struct Args {
     /// [prune] out) give the defaults that flags override.
     #[command(flatten)]
     pub recipe: crate::recipe::RecipeArgs,
-    /// The frozen full model (overfill mode) [default: the recipe's [model] path].
+    /// The frozen full model (overfill mode) [train.full; default: the recipe's [model] path].
     #[arg(long)]
     pub full: Option<PathBuf>,
     /// The trainable model: the pruned decoder, or the single model in pruned/sft modes
-    /// [default: the recipe's [prune] out].
+    /// [train.decoder; default: the recipe's [prune] out].
     #[arg(long)]
     pub decoder: Option<PathBuf>,
-    /// Token shards from `overfill preprocess` [default: the recipe's [data] shards].
+    /// Token shards from `overfill preprocess` [train.data; default: the recipe's [data] shards].
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The run folder (checkpoints, final decoder, TensorBoard events, resolved recipe).
+    /// The run folder: checkpoints, final decoder, TensorBoard events, resolved recipe [train.out].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// overfill (frozen full-model prefill + decoder), pruned or sft (one model over context ‖ target).
+    /// overfill (frozen full-model prefill + decoder), pruned or sft (one model over context ‖
+    /// target) [train.mode].
     #[arg(long, value_enum)]
     pub mode: Option<TrainMode>,
     /// Stop after this optimizer step (the schedule still spans num_epochs, so a later --resume
-    /// with a larger value continues the same run).
+    /// with a larger value continues the same run) [train.max_steps].
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// Rows per micro-batch on each device.
+    /// Rows per micro-batch on each device [train.per_device_batch_size].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step [train.gradient_accumulation_steps].
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate [train.learning_rate].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Seed of the data order and of libtorch [train.seed].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Optimizer steps between checkpoints (0 = only at the end).
+    /// Optimizer steps between checkpoints (0 = only at the end) [train.save_steps].
     #[arg(long)]
     pub save_steps: Option<u64>,
-    /// Optimizer steps between validation losses (0 = only at the end).
+    /// Optimizer steps between validation losses (0 = only at the end) [train.eval_steps].
     #[arg(long)]
     pub eval_steps: Option<u64>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N [train.device].
     #[arg(long)]
     pub device: Option<String>,
-    /// Compute dtype: f32, or bf16 (fp32 master weights and optimizer state).
+    /// Compute dtype: f32, or bf16 (fp32 master weights and optimizer state) [train.dtype].
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Intra-op threads for libtorch (0 = libtorch's default).
+    /// Intra-op threads for libtorch (0 = libtorch's default) [train.threads].
     #[arg(long)]
     pub threads: Option<usize>,
 }
