@@ -160,6 +160,21 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
+/// Line and column of a dotted key (`prune.width_hidden`) in a recipe's text.
+pub(super) fn position_of(text: &str, key: &str) -> Option<(usize, usize)> {
+    let doc = DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(line_col(text, k.span().start));
+        }
+        table = v.get_ref().as_table()?;
+    }
+    None
+}
+
 /// The path (tables, `[[array]]` entries, key) to the key or value at byte `pos` of `text`.
 pub(super) fn path_at(text: &str, pos: usize) -> Vec<Part> {
     let Ok(doc) = DeTable::parse(text) else { return Vec::new() };

@@ -129,9 +129,11 @@ pub struct Recipe {
     /// `sources`). Not part of the TOML.
     #[serde(skip)]
     origins: BTreeMap<String, Origin>,
-    /// The file the recipe was read from.
+    /// The file the recipe was read from, and its text (for positions in messages).
     #[serde(skip)]
     file: Option<PathBuf>,
+    #[serde(skip)]
+    text: Option<String>,
 }
 
 /// `--config FILE` and `--set TABLE.KEY=VALUE`, shared by every command that reads a recipe.
@@ -177,6 +179,7 @@ impl Recipe {
             recipe.origins.insert(key, Origin::Recipe);
         }
         recipe.file = Some(file.to_path_buf());
+        recipe.text = Some(text.to_string());
         Ok(recipe)
     }
 
@@ -211,8 +214,8 @@ impl Recipe {
         }
         let updated: Recipe = Recipe::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow!("--set {assignment}: {}", explain::describe(&[], &e, Some(key))))?;
-        let (origins, file) = (std::mem::take(&mut self.origins), self.file.take());
-        *self = Recipe { origins, file, ..updated };
+        let (origins, file, text) = (std::mem::take(&mut self.origins), self.file.take(), self.text.take());
+        *self = Recipe { origins, file, text, ..updated };
         self.origins.insert(key.to_string(), Origin::Flag);
         Ok(())
     }
@@ -244,20 +247,20 @@ impl Recipe {
     pub fn check(&self) -> Result<()> {
         let p = &self.preprocess;
         if p.val_size.is_some() && p.val_fraction.is_some() {
-            bail!("{}[preprocess] has both val_size and val_fraction; give one", self.where_());
+            bail!("{}[preprocess] has both val_size and val_fraction; give one", self.at("preprocess.val_fraction"));
         }
         let c = &self.calibrate;
         if !matches!(c.seq_agg.as_str(), "mean" | "abs-mean") {
-            bail!("{}[calibrate] seq_agg = {:?}: expected \"mean\" or \"abs-mean\"", self.where_(), c.seq_agg);
+            bail!("{}[calibrate] seq_agg = {:?}: expected \"mean\" or \"abs-mean\"", self.at("calibrate.seq_agg"), c.seq_agg);
         }
         if !matches!(c.norm.as_str(), "l2" | "l1") {
-            bail!("{}[calibrate] norm = {:?}: expected \"l2\" or \"l1\"", self.where_(), c.norm);
+            bail!("{}[calibrate] norm = {:?}: expected \"l2\" or \"l1\"", self.at("calibrate.norm"), c.norm);
         }
         if let Some(dtype) = &c.dtype {
-            overfill_model::checkpoint::parse_dtype(dtype).with_context(|| format!("{}[calibrate] dtype", self.where_()))?;
+            overfill_model::checkpoint::parse_dtype(dtype).with_context(|| format!("{}[calibrate] dtype", self.at("calibrate.dtype")))?;
         }
         if let Some(device) = &c.device {
-            check_device_name(device).with_context(|| format!("{}[calibrate] device", self.where_()))?;
+            check_device_name(device).with_context(|| format!("{}[calibrate] device", self.at("calibrate.device")))?;
         }
         let pr = &self.prune;
         for (ratio_key, ratio, size_key, size) in [
@@ -265,23 +268,37 @@ impl Recipe {
             ("width_intermediate", pr.width_intermediate, "intermediate_size", pr.intermediate_size),
         ] {
             if ratio.is_some() && size.is_some() {
-                bail!("{}[prune] has both {ratio_key} (a ratio) and {size_key} (an absolute width); give one", self.where_());
+                bail!(
+                    "{}[prune] has both {ratio_key} (a ratio) and {size_key} (an absolute width); give one",
+                    self.at(&format!("prune.{size_key}"))
+                );
             }
             if let Some(r) = ratio {
                 check_ratio(r).map_err(|why| {
-                    anyhow!("{}[prune] {ratio_key} = {r}: {why}; to keep an absolute number of channels write {size_key} = N", self.where_())
+                    let at = self.at(&format!("prune.{ratio_key}"));
+                    // `width_hidden = 2334` most likely meant 2334 channels.
+                    let n = if r >= 1.0 && r.fract() == 0.0 { format!("{r}") } else { "N".to_string() };
+                    anyhow!("{at}[prune] {ratio_key} = {r}: {why}; to keep {n} channels write {size_key} = {n}")
                 })?;
             }
         }
-        check_device_name(&self.train.device).with_context(|| format!("{}[train] device", self.where_()))?;
+        check_device_name(&self.train.device).with_context(|| format!("{}[train] device", self.at("train.device")))?;
         Ok(())
     }
 
-    /// "FILE: " for messages about a recipe read from a file.
-    fn where_(&self) -> String {
-        match &self.file {
-            Some(f) => format!("{}: ", f.display()),
-            None => String::new(),
+    /// Where a value came from, as the start of a message: `FILE:LINE:COL: ` for a recipe value,
+    /// `command line: ` for a flag, nothing for a default.
+    fn at(&self, key: &str) -> String {
+        match (self.origin(key), &self.file) {
+            (Origin::Flag, _) => "command line: ".to_string(),
+            (Origin::Recipe, Some(file)) => {
+                let position = self.text.as_deref().and_then(|text| explain::position_of(text, key));
+                match position {
+                    Some((line, col)) => format!("{}:{line}:{col}: ", file.display()),
+                    None => format!("{}: ", file.display()),
+                }
+            }
+            _ => String::new(),
         }
     }
 

@@ -94,7 +94,7 @@ fn a_wrong_type_in_each_table_names_file_line_table_and_key() {
 #[test]
 fn checks_refuse_values_types_cannot_express() {
     let refused = [
-        ("[prune]\nwidth_hidden = 40\n", "to keep an absolute number of channels write hidden_size = N"),
+        ("[prune]\nwidth_hidden = 40\n", "to keep 40 channels write hidden_size = 40"),
         ("[prune]\nwidth_intermediate = 1.0\n", "outside [0, 1)"),
         ("[prune]\nwidth_hidden = 0.5\nhidden_size = 40\n", "both width_hidden"),
         ("[preprocess]\nval_size = 3\nval_fraction = 0.1\n", "both val_size and val_fraction"),
@@ -105,9 +105,14 @@ fn checks_refuse_values_types_cannot_express() {
     ];
     for (text, what) in refused {
         let err = format!("{:#}", parse(text).unwrap().check().expect_err(text));
-        assert!(err.starts_with("my.toml: "), "{err}");
+        // The position of the (second) offending key: line 2 or 3, column 1.
+        assert!(err.starts_with("my.toml:2:1: ") || err.starts_with("my.toml:3:1: "), "{err}");
         assert!(err.contains(what), "{what}: {err}");
     }
+    let mut flagged = parse("[prune]\nwidth_hidden = 0.5\n").unwrap();
+    flagged.flag(&["prune.width_hidden"], Some(3.0), |r, v| r.prune.width_hidden = Some(v));
+    let err = format!("{:#}", flagged.check().unwrap_err());
+    assert!(err.starts_with("command line: [prune] width_hidden = 3"), "{err}");
     parse("[prune]\nwidth_hidden = 0\nintermediate_size = 40\n").unwrap().check().unwrap();
 }
 
