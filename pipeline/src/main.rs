@@ -14,6 +14,7 @@ mod inspect;
 mod launch;
 mod preprocess;
 mod recipe;
+mod serve;
 mod synth_data;
 mod train;
 
@@ -38,6 +39,8 @@ enum Command {
     CalibratePrune(calibrate_prune::Args),
     /// Greedy generation with one model (prefill + incremental decode).
     Generate(generate::Args),
+    /// An OpenAI-compatible HTTP server (continuous batching; two-stage with --decoder).
+    Serve(serve::Args),
     /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
     InitModel(init_model::Args),
     /// Train the decoder: OverFill (frozen full-model prefill), or the Pruned/SFT baselines.
@@ -63,6 +66,7 @@ fn main() -> Result<()> {
         Command::SynthData(args) => synth_data::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
         Command::EvalLoss(args) => eval_loss::run(args),

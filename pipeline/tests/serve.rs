@@ -1,0 +1,516 @@
+//! `overfill serve`: greedy answers equal `overfill generate` (one model and two-stage, one
+//! prompt and a batch of prompts); the real `openai` client and lm-evaluation-harness
+//! (`local-completions`, `local-chat-completions` on tests/lm_eval) against it; a 200-request
+//! load test and queue overflow (429); every kind of bad request answered with an OpenAI-style
+//! error; a client that disconnects frees its row; SIGTERM finishes requests in flight, exit 0.
+//!
+//! Models: a tiny random Llama (`init-model`) with the byte-level tokenizer of `synth-data`,
+//! and its width-pruned decoder (`calibrate-prune`). Everything on loopback.
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{python, repo_root};
+use serde_json::{json, Value};
+
+fn overfill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+}
+
+fn overfill_ok(args: &[&str]) -> String {
+    let out = overfill(args);
+    assert!(out.status.success(), "overfill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct Models {
+    _dir: tempfile::TempDir,
+    full: String,
+    pruned: String,
+}
+
+/// The tiny full model and its pruned decoder, made once per test binary.
+fn models() -> &'static Models {
+    static MODELS: OnceLock<Models> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        overfill_ok(&["synth-data", "--tokenizer-out", &path("tok")]);
+        let config = repo_root().join("configs/models/tiny-llama.json");
+        overfill_ok(&[
+            "init-model", "--config", config.to_str().unwrap(), "--out", &path("full"), "--seed", "5",
+            "--std", "0.5", "--tokenizer", &path("tok"),
+        ]);
+        // Calibration data: a few token-id lists.
+        let calib: Vec<Vec<i64>> = (0..4).map(|r| (0..24).map(|i| 40 + (i * 7 + r * 13) % 200).collect()).collect();
+        std::fs::write(path("calib.json"), serde_json::to_string(&calib).unwrap()).unwrap();
+        overfill_ok(&[
+            "calibrate-prune", "--model", &path("full"), "--data", &path("calib.json"), "--out", &path("pruned"),
+            "--width-hidden", "0.5", "--width-intermediate", "0.5", "--calib-size", "4", "--batch-size", "2",
+            "--device", "cpu",
+        ]);
+        Models { full: path("full"), pruned: path("pruned"), _dir: dir }
+    })
+}
+
+/// A running `overfill serve --port 0`; killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(model: &str, decoder: Option<&str>, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", model, "--port", "0", "--served-model-name", "tiny"];
+        if let Some(decoder) = decoder {
+            args.extend(["--decoder", decoder]);
+        }
+        args.extend(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_overfill"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let address = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("the server did not start:\n{}", stderr.lock().unwrap()));
+        Server { child, address, stderr }
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = http(&self.address, "POST", path, body.to_string().as_bytes());
+        let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON ({status}): {text}"));
+        (status, value)
+    }
+
+    fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        let (status, text) = http(&self.address, "POST", path, body);
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")))
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = http(&self.address, "GET", "/metrics", b"");
+        assert_eq!(status, 200);
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, body); chunked bodies are joined.
+fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nAuthorization: Bearer \r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The `data:` payloads of a server-sent-event body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_string()).collect()
+}
+
+fn generate_json(model: &str, decoder: Option<&str>, extra: &[&str]) -> Value {
+    let mut args = vec!["generate", "--model", model];
+    if let Some(decoder) = decoder {
+        args.extend(["--decoder", decoder]);
+    }
+    args.extend(extra);
+    args.push("--json");
+    serde_json::from_str(overfill_ok(&args).trim().lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn greedy_answers_equal_overfill_generate() {
+    let m = models();
+    for decoder in [None, Some(m.pruned.as_str())] {
+        let server = Server::start(&m.full, decoder, &["--max-batch-size", "4"]);
+        for prompt in ["Hello there", "What is 2 + 2?"] {
+            // /v1/completions: the text as it is, like `generate --raw`.
+            let expected = generate_json(&m.full, decoder, &["--raw", "--prompt", prompt, "--max-new-tokens", "12"]);
+            let (status, answer) = server.post(
+                "/v1/completions",
+                &json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+            );
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["choices"][0]["text"], expected["text"], "{decoder:?} {prompt:?}");
+            let n = expected["token_ids"].as_array().unwrap().len();
+            assert_eq!(answer["usage"]["completion_tokens"], n);
+            assert_eq!(answer["usage"]["prompt_tokens"], expected["prompt_tokens"]);
+            assert_eq!(answer["choices"][0]["index"], 0);
+            assert_eq!(answer["choices"][0]["finish_reason"], if n == 12 { "length" } else { "stop" });
+
+            // /v1/chat/completions: rendered with the chat template, like `generate --prompt`.
+            let expected = generate_json(&m.full, decoder, &["--prompt", prompt, "--max-new-tokens", "12"]);
+            let (status, answer) = server.post(
+                "/v1/chat/completions",
+                &json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0.0, "seed": 1234}),
+            );
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["choices"][0]["message"]["content"], expected["text"], "{decoder:?} {prompt:?}");
+            assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+            assert_eq!(answer["usage"]["completion_tokens"], expected["token_ids"].as_array().unwrap().len());
+            assert_eq!(answer["usage"]["prompt_tokens"], expected["prompt_tokens"]);
+        }
+        // A list of prompts is one left-padded batch, as `generate --input` makes it; without
+        // stop ids every row runs to the end, so the batches match step for step.
+        let prompts = ["a", "a longer prompt here", "mid size"];
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("in.jsonl");
+        let lines: Vec<String> = prompts.iter().map(|p| json!({"prompt": p}).to_string()).collect();
+        std::fs::write(&jsonl, lines.join("\n")).unwrap();
+        let expected = generate_json(
+            &m.full,
+            decoder,
+            &["--raw", "--input", jsonl.to_str().unwrap(), "--max-new-tokens", "6", "--stop-ids", "none"],
+        );
+        let (status, answer) = server.post(
+            "/v1/completions",
+            &json!({"prompt": prompts, "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        );
+        assert_eq!(status, 200, "{answer}");
+        let choices = answer["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3);
+        for (i, choice) in choices.iter().enumerate() {
+            assert_eq!(choice["index"], i);
+            assert_eq!(choice["text"], expected["text"][i], "{decoder:?} row {i}");
+        }
+        assert_eq!(answer["usage"]["completion_tokens"], 18);
+    }
+}
+
+#[test]
+fn openai_client_and_lm_eval_against_the_server() {
+    let m = models();
+    let server = Server::start(&m.full, Some(&m.pruned), &[]);
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/serve_openai_client.py"))
+        .args([&format!("{}/v1", server.base()), "Tell me a story", "10"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openai client:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["model"], "tiny");
+    let expected = generate_json(&m.full, Some(&m.pruned), &["--raw", "--prompt", "Tell me a story", "--max-new-tokens", "10"]);
+    assert_eq!(got["completion"]["text"], expected["text"], "{got}");
+    assert_eq!(got["completion_stream"]["text"], got["completion"]["text"], "{got}");
+    assert_eq!(got["completion_stream"]["usage"], got["completion"]["usage"], "{got}");
+    assert_eq!(got["completion_stream"]["finish_reason"], got["completion"]["finish_reason"]);
+    assert_eq!(got["chat_stream"]["text"], got["chat"]["text"], "{got}");
+    assert_eq!(got["chat_stream"]["usage"], got["chat"]["usage"], "{got}");
+    assert_eq!(got["chat_stream"]["roles"], json!(["assistant"]));
+    assert_eq!(got["chat"]["role"], "assistant");
+    let usage = &got["chat"]["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(got["batch"][0]["index"], 0);
+    assert_eq!(got["batch"][1]["index"], 1);
+
+    // lm-evaluation-harness, offline, on the shipped task.
+    let lm_eval = python().with_file_name("lm_eval");
+    if !lm_eval.is_file() {
+        panic!("{} is missing: lm_eval[api] must be installed by the set-up", lm_eval.display());
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    for (kind, endpoint, extra) in [
+        ("local-completions", "/v1/completions", ",tokenizer_backend=none"),
+        ("local-chat-completions", "/v1/chat/completions", ""),
+    ] {
+        let output_path = out_dir.path().join(kind);
+        let mut cmd = Command::new(&lm_eval);
+        cmd.current_dir(repo_root())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_DATASETS_OFFLINE", "1")
+            .env("HF_HOME", out_dir.path().join("hf"))
+            .args(["--model", kind, "--model_args"])
+            .arg(format!("base_url={}{endpoint},model=tiny{extra}", server.base()))
+            .args(["--tasks", "add_gen", "--include_path", "tests/lm_eval", "--log_samples", "--output_path"])
+            .arg(&output_path);
+        if kind == "local-chat-completions" {
+            cmd.arg("--apply_chat_template");
+        }
+        let run = cmd.output().unwrap();
+        assert!(run.status.success(), "lm_eval {kind}:\n{}", String::from_utf8_lossy(&run.stderr));
+        let results = find_file(&output_path, "results_");
+        let results: Value = serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+        let metric = results["results"]["add_gen"]["exact_match,strip"].as_f64();
+        let metric = metric.unwrap_or_else(|| panic!("{kind}: no exact_match in {results}"));
+        assert!((0.0..=1.0).contains(&metric), "{kind}: {metric}");
+
+        // Every logged answer is what the server answers that prompt alone, cut at the stops.
+        let samples = std::fs::read_to_string(find_file(&output_path, "samples_add_gen")).unwrap();
+        let samples: Vec<Value> = samples.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(samples.len(), 10, "{kind}");
+        for sample in &samples {
+            // Completions log the prompt; chat a one-item list holding the messages as JSON.
+            let arg = &sample["arguments"]["gen_args_0"]["arg_0"];
+            let context = arg.as_str().or_else(|| arg[0].as_str()).unwrap_or_else(|| panic!("{kind}: {sample}"));
+            let logged = sample["resps"][0][0].as_str().unwrap();
+            assert!(!logged.contains('\n') && !logged.contains("Question:"), "{kind}: stop not applied: {logged:?}");
+            let request = if kind == "local-completions" {
+                json!({"prompt": context, "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
+            } else {
+                let messages: Value = serde_json::from_str(context).unwrap();
+                json!({"messages": messages, "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
+            };
+            let (status, answer) = server.post(endpoint, &request);
+            assert_eq!(status, 200);
+            let text = if kind == "local-completions" {
+                &answer["choices"][0]["text"]
+            } else {
+                &answer["choices"][0]["message"]["content"]
+            };
+            assert_eq!(text.as_str().unwrap(), logged, "{kind}: {context:?}");
+        }
+    }
+}
+
+/// The first file under `dir` (recursively) whose name starts with `prefix`.
+fn find_file(dir: &Path, prefix: &str) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().unwrap().to_string_lossy().starts_with(prefix) {
+                return path;
+            }
+        }
+    }
+    panic!("no {prefix}* under {}", dir.display());
+}
+
+fn load_test(server: &Server, extra: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/serve_load.py"))
+        .arg(server.base())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "serve_load.py:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn two_hundred_concurrent_requests_and_a_full_queue() {
+    let m = models();
+    let server = Server::start(&m.full, Some(&m.pruned), &["--max-batch-size", "16", "--max-queue", "512"]);
+    let report = load_test(&server, &["--requests", "200"]);
+    assert_eq!(report["statuses"], json!({"200": 200}), "{report}");
+    assert_eq!(report["complete"], 200, "{report}");
+    assert_eq!(report["unique_ids"], 200, "{report}");
+    assert_eq!(report["problems"], json!([]), "{report}");
+    assert_eq!(report["health_after"], 200);
+    assert_eq!(server.metric("overfill_requests_total"), 200.0);
+    assert_eq!(server.metric("overfill_running_sequences"), 0.0);
+    assert_eq!(server.metric("overfill_queue_depth"), 0.0);
+    // 1 + i % 6 tokens for request i.
+    let generated: usize = (0..200).map(|i| 1 + i % 6).sum();
+    assert_eq!(server.metric("overfill_generated_tokens_total"), generated as f64);
+    assert!(server.metric("overfill_decode_batch_size_count") > 0.0);
+    drop(server);
+
+    // One row at a time and a queue of 8: a burst of 40 long requests overflows.
+    let server = Server::start(&m.full, Some(&m.pruned), &["--max-batch-size", "1", "--max-queue", "8"]);
+    let report = load_test(&server, &["--requests", "40", "--max-tokens-base", "16"]);
+    let statuses = report["statuses"].as_object().unwrap();
+    let ok = statuses.get("200").and_then(Value::as_u64).unwrap_or(0);
+    let overflow = statuses.get("429").and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(ok + overflow, 40, "{report}");
+    assert!(overflow >= 1 && ok >= 1, "{report}");
+    assert_eq!(report["complete"], ok, "{report}");
+    assert_eq!(report["problems"], json!([]), "{report}");
+    assert_eq!(report["health_after"], 200);
+    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "still there?", "max_tokens": 2}));
+    assert_eq!(status, 200, "{answer}");
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>, what: &str) {
+    assert_eq!(status, want_status, "{what}: {body}");
+    let error = body["error"].as_object().unwrap_or_else(|| panic!("{what}: {body}"));
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.contains_key(key), "{what}: no {key} in {body}");
+    }
+    assert!(!error["message"].as_str().unwrap().is_empty());
+    if let Some(param) = param {
+        assert_eq!(error["param"], param, "{what}: {body}");
+    }
+}
+
+#[test]
+fn bad_requests_disconnects_and_sigterm() {
+    let m = models();
+    let mut server = Server::start(
+        &m.full,
+        None,
+        &["--max-prompt-tokens", "64", "--max-tokens-limit", "1500", "--max-body-bytes", "4096"],
+    );
+    let c = "/v1/completions";
+    let chat = "/v1/chat/completions";
+    let cases: Vec<(&str, &str, Vec<u8>, Option<&str>)> = vec![
+        ("malformed JSON", c, br#"{"prompt": "#.to_vec(), None),
+        ("not an object", c, b"[1, 2]".to_vec(), None),
+        ("missing prompt", c, br#"{"max_tokens": 2}"#.to_vec(), Some("prompt")),
+        ("prompt of the wrong type", c, br#"{"prompt": 5}"#.to_vec(), Some("prompt")),
+        ("max_tokens a string", c, br#"{"prompt": "hi", "max_tokens": "ten"}"#.to_vec(), Some("max_tokens")),
+        ("negative max_tokens", c, br#"{"prompt": "hi", "max_tokens": -1}"#.to_vec(), Some("max_tokens")),
+        ("temperature a string", c, br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(), Some("temperature")),
+        ("stop a number", c, br#"{"prompt": "hi", "stop": 3}"#.to_vec(), Some("stop")),
+        ("stream a string", c, br#"{"prompt": "hi", "stream": "yes"}"#.to_vec(), Some("stream")),
+        ("token id out of range", c, br#"{"prompt": [1, 99999]}"#.to_vec(), Some("prompt")),
+        ("n = 2", c, br#"{"prompt": "hi", "n": 2}"#.to_vec(), Some("n")),
+        ("top_p 0", c, br#"{"prompt": "hi", "top_p": 0, "temperature": 1}"#.to_vec(), None),
+        ("messages a string", chat, br#"{"messages": "hi"}"#.to_vec(), Some("messages")),
+        ("unknown role", chat, br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(), Some("messages[0].role")),
+        ("content a number", chat, br#"{"messages": [{"role": "user", "content": 7}]}"#.to_vec(), Some("messages[0].content")),
+        ("no messages", chat, br#"{"messages": []}"#.to_vec(), Some("messages")),
+        ("max_tokens over the limit", c, br#"{"prompt": "hi", "max_tokens": 1501}"#.to_vec(), Some("max_tokens")),
+        ("max_tokens 0", c, br#"{"prompt": "hi", "max_tokens": 0}"#.to_vec(), Some("max_tokens")),
+    ];
+    for (what, path, body, param) in &cases {
+        let (status, answer) = server.post_raw(path, body);
+        assert_error(status, &answer, 400, *param, what);
+    }
+    let long = "x".repeat(200);
+    let (status, answer) = server.post(c, &json!({"prompt": long}));
+    assert_error(status, &answer, 400, Some("prompt"), "prompt too long");
+    assert_eq!(answer["error"]["code"], "context_length_exceeded");
+    let (status, answer) = server.post(chat, &json!({"messages": [{"role": "user", "content": long}]}));
+    assert_error(status, &answer, 400, Some("messages"), "chat prompt too long");
+    let (status, answer) = server.post(c, &json!({"prompt": "y".repeat(5000)}));
+    assert_error(status, &answer, 400, None, "body too big");
+    assert_eq!(answer["error"]["code"], "request_too_large");
+    let (status, text) = http(&server.address, "GET", "/v1/nothing", b"");
+    assert_error(status, &serde_json::from_str(&text).unwrap(), 404, None, "unknown path");
+    // Unknown fields are accepted (lm_eval sends seed and its generation_kwargs verbatim).
+    let (status, answer) = server.post(
+        c,
+        &json!({"prompt": "hi", "max_tokens": 2, "temperature": 0, "seed": 1234, "do_sample": false, "frobnicate": {"x": [1]}}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let (status, text) = http(&server.address, "GET", "/v1/models", b"");
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["data"][0]["id"], "tiny");
+    assert_eq!(server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""), 16.0);
+
+    // A streaming client that goes away after its first chunk frees its row.
+    let request = json!({"prompt": "go on", "max_tokens": 1500, "ignore_eos": true, "stream": true, "temperature": 0}).to_string();
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = stream.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("overfill_cancelled_sequences_total") < 1.0 || server.metric("overfill_running_sequences") > 0.0 {
+        assert!(Instant::now() < deadline, "the disconnected stream still holds its row");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.metric("overfill_generated_tokens_total") < 1500.0);
+
+    // SIGTERM while a stream is in flight: it finishes, then the process exits 0.
+    let address = server.address.clone();
+    let in_flight = std::thread::spawn(move || {
+        http(
+            &address,
+            "POST",
+            "/v1/completions",
+            json!({"prompt": "last one", "max_tokens": 300, "ignore_eos": true, "stream": true, "temperature": 0})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("overfill_running_sequences") < 1.0 {
+        assert!(Instant::now() < deadline, "the last request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200);
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let finish: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(finish.last().unwrap()["choices"][0]["finish_reason"], "length");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
+    assert!(TcpStream::connect(&server.address).is_err(), "still accepting after SIGTERM");
+}
