@@ -111,9 +111,13 @@ pub fn run(args: Args) -> Result<()> {
     let total_steps = (per_epoch * t.num_epochs) as u64;
     // One run per folder at a time (released when this process ends, however it ends).
     let _lock = overfill_data::out_lock::OutputLock::acquire(&settings.out, "train")?;
-    let resume_from = match run_folder::inspect(&settings)? {
+    let resume_from = match run_folder::inspect(&settings, total_steps)? {
         run_folder::Existing::Fresh => None,
         run_folder::Existing::SameRun { checkpoint } => checkpoint,
+        run_folder::Existing::Finished { step } => {
+            eprintln!("{} already finished at step {step}: nothing to train", settings.out.display());
+            return Ok(());
+        }
     };
     if settings.resume && resume_from.is_none() {
         eprintln!("--resume: no checkpoint in {} yet; starting from step 0", settings.out.display());

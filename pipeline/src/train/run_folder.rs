@@ -55,11 +55,13 @@ pub enum Existing {
     Fresh,
     /// A run of the same trajectory; its newest complete checkpoint, if any.
     SameRun { checkpoint: Option<(u64, PathBuf)> },
+    /// `--resume` of a run that already ended at `step` (its `final/`), at or past this run's stop.
+    Finished { step: u64 },
 }
 
 /// Refuses a folder that is not a run of these settings (before anything is written); with
 /// `--resume` also picks the newest complete checkpoint.
-pub fn inspect(settings: &Settings) -> Result<Existing> {
+pub fn inspect(settings: &Settings, total_steps: u64) -> Result<Existing> {
     let out = &settings.out;
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -111,11 +113,19 @@ pub fn inspect(settings: &Settings) -> Result<Existing> {
         );
     }
     if settings.resume && checkpoint.is_none() && out.join(FINAL_DIR).exists() {
-        bail!(
-            "--resume: the run in {} finished (it has {FINAL_DIR}/) and left no checkpoint to continue from; \
-             choose another --out to train again",
-            out.display()
-        );
+        // Finished without checkpoints (save_steps = 0): fine if it already reached this run's
+        // stop, impossible to continue otherwise (no optimizer state).
+        let finished_at = read_state(&out.join(FINAL_DIR)).ok().map(|s| s.step);
+        let stop = settings.train.max_steps.unwrap_or(u64::MAX);
+        match finished_at {
+            Some(step) if step >= stop || step == total_steps => return Ok(Existing::Finished { step }),
+            _ => bail!(
+                "--resume: the run in {} finished{} and left no checkpoint to continue from (save_steps = 0); \
+                 choose another --out to train again",
+                out.display(),
+                finished_at.map(|s| format!(" at step {s}")).unwrap_or_default()
+            ),
+        }
     }
     Ok(Existing::SameRun { checkpoint: if settings.resume { checkpoint } else { None } })
 }
@@ -195,8 +205,7 @@ pub fn save_checkpoint_folder(
     save_decoder(decoder, decoder_source, &tmp)?;
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     Tensor::write_safetensors(optimizer_state, &optimizer_path).with_context(|| format!("writing {}", optimizer_path.display()))?;
-    let state_path = tmp.join(STATE_FILE);
-    std::fs::write(&state_path, serde_json::to_string_pretty(state)? + "\n").with_context(|| format!("writing {}", state_path.display()))?;
+    write_state(&tmp, state)?;
     let dir = out.join(&name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
@@ -209,6 +218,11 @@ pub fn save_checkpoint_folder(
         }
     }
     Ok(dir)
+}
+
+pub fn write_state(dir: &Path, state: &TrainerState) -> Result<()> {
+    let path = dir.join(STATE_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(state)? + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {

@@ -392,6 +392,8 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
     if is_writer {
         let final_dir = settings.out.join(run_folder::FINAL_DIR);
         run_folder::save_decoder(&decoder, &settings.decoder, &final_dir)?;
+        // Where the run ended, for a later --resume (no optimizer tensors: that is a checkpoint).
+        run_folder::write_state(&final_dir, &state)?;
         if let Some(events) = &mut events {
             events.flush()?;
         }
