@@ -49,7 +49,7 @@ def read_sse(raw):
     return events
 
 
-def one_request(base, i, stream, chat, max_tokens, prompt=None, ignore_eos=True):
+def one_request(base, i, stream, chat, max_tokens, prompt=None, ignore_eos=True, timeout=120):
     """Sends one request; returns a dict: status, id, text, completion_tokens, finish_reason,
     latency (s), problems (list of strings)."""
     prompt = prompt if prompt is not None else f"request {i}: say something"
@@ -64,7 +64,7 @@ def one_request(base, i, stream, chat, max_tokens, prompt=None, ignore_eos=True)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
-    status, headers, raw = post(base, path, body)
+    status, headers, raw = post(base, path, body, timeout=timeout)
     result = {"i": i, "status": status, "stream": stream, "chat": chat, "problems": []}
     if status != 200:
         try:
