@@ -289,6 +289,35 @@ fn eval_loss_prints_json_equal_to_the_trainers_validation_loss() {
     assert_eq!(trainer_eval["eval_tokens"].as_i64().unwrap(), tokens);
     assert!((trainer_eval["eval_loss"].as_f64().unwrap() - loss).abs() <= 1e-5, "{trainer_eval} vs {last}");
 
+    // Rows cut to 300 tokens: the target loses its end, a row whose context leaves no room for two
+    // target tokens is skipped. The counts, from the Parquet shards read by pyarrow:
+    let script = r#"
+import glob, json, sys
+import pyarrow.parquet as pq
+limit, tokens, rows, skipped = int(sys.argv[2]), 0, 0, 0
+for path in sorted(glob.glob(sys.argv[1] + "/val-*.parquet")):
+    table = pq.read_table(path)
+    for context, target in zip(table.column("context_ids").to_pylist(), table.column("target_ids").to_pylist()):
+        kept = min(len(target), limit - len(context))
+        if kept >= 2:
+            tokens, rows = tokens + kept - 1, rows + 1
+        else:
+            skipped += 1
+print(json.dumps({"tokens": tokens, "rows": rows, "skipped_rows": skipped}))
+"#;
+    let out = Command::new(python()).args(["-c", script, dir.join("shards").to_str().unwrap(), "300"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = overfill_ok(
+        dir,
+        &["eval-loss", "--full", "full", "--decoder", "trained/final", "--data", "shards", "--max-seq-length", "300", "--device", "cpu", "--dtype", "f32", "--json"],
+    );
+    let cut: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(expected["skipped_rows"].as_u64().unwrap() > 0 && expected["rows"].as_u64().unwrap() > 0, "{expected}");
+    for key in ["tokens", "rows", "skipped_rows"] {
+        assert_eq!(cut[key], expected[key], "{key}: ours {cut}, pyarrow {expected}");
+    }
+
     // The pruned baseline: one model over context ‖ target, scored on the same tokens.
     overfill_ok(dir, &["train", "--config", "recipe.toml", "--mode", "pruned", "--out", "pruned-run", "--max-steps", "2"]);
     let stdout = overfill_ok(
