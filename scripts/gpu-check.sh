@@ -40,4 +40,39 @@ echo "== calibrate-prune on CUDA (bf16) from synthetic shards"
 "$bin" calibrate-prune --model "$work/full" --data "$work/shards" --width-hidden 0.5 --width-intermediate 0.5 \
     --calib-size 64 --batch-size 16 --max-seq-len 128 --device cuda:0 --dtype bf16 --out "$work/pruned" --json > "$out/prune-cuda.json"
 cat "$out/prune-cuda.json"
+
+echo "== bench-latency: the paper's Figures 3-5 for the real 3B->1B and 8B->3B shapes (Table 8: D'/I' 1689/4505 and 2334/8171)"
+# Random weights made on the device, bf16 (the configs are the released ones' architecture facts,
+# written here so the check needs no fixture folder). Sized to ~6 minutes on an H200 with
+# --runs 3 --warmup 1; OVERFILL_BENCH_FLAGS overrides (e.g. "--runs 10 --warmup 2" for the
+# paper's protocol), OVERFILL_BENCH_DEVICE=cpu and OVERFILL_BENCH_ONLY=3b-1b check the script's
+# path without a GPU. Results: $out/bench-latency-<shape>/ (latency.csv, summary.json, PNGs).
+cat > "$work/llama-3.2-3b.json" <<'JSON'
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 3072,
+ "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+ "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+ "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+ "max_position_embeddings": 131072, "tie_word_embeddings": true, "attention_bias": false, "mlp_bias": false,
+ "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+JSON
+cat > "$work/llama-3.1-8b.json" <<'JSON'
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+ "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+ "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+ "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+ "max_position_embeddings": 131072, "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+ "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+JSON
+bench_device="${OVERFILL_BENCH_DEVICE:-cuda:0}"
+for shape in "3b-1b llama-3.2-3b 1689 4505" "8b-3b llama-3.1-8b 2334 8171"; do
+    read -r name config hidden intermediate <<< "$shape"
+    if [ -n "${OVERFILL_BENCH_ONLY:-}" ] && [ "$OVERFILL_BENCH_ONLY" != "$name" ]; then continue; fi
+    # shellcheck disable=SC2086  # OVERFILL_BENCH_FLAGS is a list of flags
+    "$bin" bench-latency --model-config "$work/$config.json" --hidden-size "$hidden" --intermediate-size "$intermediate" \
+        --device "$bench_device" --gen-lengths 64,128,256,512 --prompt-lengths 128,512,1024,2048 --batch-sizes 1,4,8,16 \
+        --warmup 1 --runs 3 ${OVERFILL_BENCH_FLAGS:-} --out "$out/bench-latency-$name" \
+        || echo "bench-latency $name: FAILED (exit $?)"
+done
 echo "gpu-check: done"

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench_latency;
 mod calibrate_prune;
 mod config_cmd;
 mod dist;
@@ -37,10 +38,13 @@ enum Command {
     SynthData(synth_data::Args),
     /// Score channels on calibration data and width-prune a model (KV-cache compatible).
     CalibratePrune(calibrate_prune::Args),
-    /// Greedy generation with one model (prefill + incremental decode).
+    /// Generation with one model, or two-stage (full-model prefill, --decoder decode).
     Generate(generate::Args),
     /// An OpenAI-compatible HTTP server (continuous batching; two-stage with --decoder).
     Serve(serve::Args),
+    /// Latency of full, pruned and OverFill generation vs generation length, prompt length and
+    /// batch size (the paper's Figures 3–5): CSV and PNG plots.
+    BenchLatency(bench_latency::Args),
     /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
     InitModel(init_model::Args),
     /// Train the decoder: OverFill (frozen full-model prefill), or the Pruned/SFT baselines.
@@ -67,6 +71,7 @@ fn main() -> Result<()> {
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::BenchLatency(args) => bench_latency::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
         Command::EvalLoss(args) => eval_loss::run(args),

@@ -1,0 +1,502 @@
+//! `overfill bench-latency`: the paper's latency study (Figures 3–5) for three systems:
+//! `full` (the full model prefills and decodes), `pruned` (the pruned model alone) and
+//! `overfill` (full-model prefill, pruned-model decode over its cache):
+//! latency vs generation length (prompt 128, batch 4), vs prompt length (generation 128,
+//! batch 4; prefill and decode as stacked bars) and vs batch size (128/128).
+//!
+//! Models come from real configs with random weights (no checkpoint needed) or from
+//! checkpoints, on CUDA or CPU. Each point is `--warmup` untimed runs and `--runs` timed runs
+//! (greedy, no stop ids, so every run generates exactly the generation length); mean and
+//! standard deviation go to `latency.csv`, the figures to PNG files. Decode tokens/s are set
+//! against the memory-bandwidth ceiling measured in the same run: weight bytes a decode step
+//! reads ÷ the measured device copy bandwidth.
+mod plots;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use overfill_model::checkpoint::{dtype_name, parse_device, parse_dtype, resolve_model_dir};
+use overfill_model::config::ModelConfig;
+use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
+use overfill_model::train::check_compatible;
+use overfill_model::transformer::Transformer;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+// A flag given twice takes the last value (`just bench-latency --runs 10` overrides the recipe's).
+#[command(args_override_self = true)]
+pub struct Args {
+    /// Full model from a config.json, with random weights.
+    #[arg(long, value_name = "FILE", required_unless_present = "model", conflicts_with = "model")]
+    pub model_config: Option<PathBuf>,
+    /// Full model from a checkpoint directory (or a hub id in the local HF cache).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<String>,
+    /// Pruned model from a checkpoint directory.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["decoder_config", "hidden_size", "intermediate_size"])]
+    pub decoder: Option<String>,
+    /// Pruned model from a config.json, with random weights.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["hidden_size", "intermediate_size"])]
+    pub decoder_config: Option<PathBuf>,
+    /// Pruned model = the full model's config with this hidden size (default: half).
+    #[arg(long)]
+    pub hidden_size: Option<usize>,
+    /// Pruned model = the full model's config with this intermediate size (default: half).
+    #[arg(long)]
+    pub intermediate_size: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Which figures: any of gen, prompt, batch (comma-separated).
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "gen,prompt,batch")]
+    pub sweeps: Vec<String>,
+    /// Generation lengths of the generation-length sweep (Figure 3).
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "32,64,128,256,512")]
+    pub gen_lengths: Vec<usize>,
+    /// Prompt lengths of the prompt-length sweep (Figure 4).
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "128,256,512,1024,2048")]
+    pub prompt_lengths: Vec<usize>,
+    /// Batch sizes of the batch-size sweep (Figure 5).
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "1,2,4,8,16")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt length where it is held fixed.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Generation length where it is held fixed.
+    #[arg(long, default_value_t = 128)]
+    pub gen_len: usize,
+    /// Batch size where it is held fixed.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Untimed runs before each point.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed runs per point.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Seed of the random weights and prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Output folder: latency.csv, summary.json and the PNG figures.
+    #[arg(long, default_value = "work/bench-latency")]
+    pub out: PathBuf,
+}
+
+/// One of the three systems compared.
+struct System<'a> {
+    name: &'static str,
+    prefill: &'a Transformer,
+    decode: &'a Transformer,
+}
+
+/// A measured point: batch, prompt and generation length, and the timings of every run.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub sweep: &'static str,
+    pub system: &'static str,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub prefill: Stats,
+    pub decode: Stats,
+    pub total: Stats,
+    /// batch × decode steps ÷ mean decode seconds.
+    pub decode_tokens_per_second: f64,
+    /// batch ÷ (weight bytes a decode step reads ÷ copy bandwidth).
+    pub ceiling_tokens_per_second: f64,
+}
+
+/// Mean and (sample) standard deviation in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Stats {
+    fn of(values: &[f64]) -> Stats {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = if values.len() > 1 {
+            values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Stats {
+            mean,
+            std: var.sqrt(),
+        }
+    }
+}
+
+/// Weight bytes one decode step reads: every parameter, except that the embedding table of an
+/// untied model is only gathered (B rows), not read whole.
+fn decode_weight_bytes(model: &Transformer) -> u64 {
+    let tensors = model.tensors();
+    let mut bytes: u64 = tensors
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
+    if !model.config.tie_word_embeddings {
+        let embed = &tensors["model.embed_tokens.weight"];
+        bytes -= (embed.numel() * embed.kind().elt_size_in_bytes()) as u64;
+    }
+    bytes
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(n) = device {
+        tch::Cuda::synchronize(n as i64);
+    }
+}
+
+/// Device copy bandwidth in bytes/s (bytes read + bytes written per second), the median of 5
+/// copies of a buffer larger than any cache.
+fn copy_bandwidth(device: Device) -> Result<f64> {
+    let bytes: i64 = if device.is_cuda() { 1 << 30 } else { 256 << 20 };
+    let src = Tensor::f_ones([bytes / 4], (Kind::Float, device))?;
+    let mut dst = Tensor::f_zeros([bytes / 4], (Kind::Float, device))?;
+    dst.f_copy_(&src)?;
+    synchronize(device);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        dst.f_copy_(&src)?;
+        synchronize(device);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * bytes as f64 / times[2])
+}
+
+fn load_models(args: &Args, device: Device, dtype: Kind) -> Result<(Transformer, Transformer)> {
+    let full = match (&args.model, &args.model_config) {
+        (Some(dir), _) => {
+            let dir = resolve_model_dir(dir)?;
+            Transformer::load(&dir, device, dtype)
+                .with_context(|| format!("loading model {}", dir.display()))?
+        }
+        (None, Some(path)) => random_model(ModelConfig::from_file(path)?, args.seed, device, dtype)?,
+        (None, None) => bail!("give --model-config FILE or --model DIR"),
+    };
+    let pruned = if let Some(dir) = &args.decoder {
+        let dir = resolve_model_dir(dir)?;
+        check_compatible(&full.config, &overfill_model::checkpoint::load_config(&dir)?)
+            .with_context(|| format!("--decoder {}", dir.display()))?;
+        Transformer::load(&dir, device, dtype)
+            .with_context(|| format!("loading decoder {}", dir.display()))?
+    } else {
+        let config = match &args.decoder_config {
+            Some(path) => ModelConfig::from_file(path)?,
+            None => {
+                let mut config = full.config.clone();
+                config.hidden_size = args.hidden_size.unwrap_or(full.config.hidden_size / 2);
+                config.intermediate_size = args
+                    .intermediate_size
+                    .unwrap_or(full.config.intermediate_size / 2);
+                if config.hidden_size == 0 || config.intermediate_size == 0 {
+                    bail!("the pruned model's hidden and intermediate sizes must be > 0");
+                }
+                config
+            }
+        };
+        check_compatible(&full.config, &config).context("the pruned model")?;
+        random_model(config, args.seed + 1, device, dtype)?
+    };
+    Ok((full, pruned))
+}
+
+/// Random weights made directly on the device in the compute dtype (timing does not depend on
+/// the values; an 8B model never passes through host memory): matrices ~ N(0, 0.02²), norms 1,
+/// biases 0.
+fn random_model(config: ModelConfig, seed: i64, device: Device, dtype: Kind) -> Result<Transformer> {
+    tch::manual_seed(seed);
+    let _guard = tch::no_grad_guard();
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, shape) in config.parameter_shapes() {
+        let options = (dtype, device);
+        let t = if name.ends_with("norm.weight") {
+            Tensor::f_ones(shape.as_slice(), options)
+        } else if name.ends_with(".bias") {
+            Tensor::f_zeros(shape.as_slice(), options)
+        } else {
+            Tensor::f_randn(shape.as_slice(), options).map(|t| t * 0.02)
+        }
+        .with_context(|| format!("allocating {name} {shape:?} on {device:?}"))?;
+        tensors.insert(name, t);
+    }
+    Transformer::from_tensors(config, tensors)
+}
+
+/// `batch` random prompts of `len` tokens (seeded).
+fn random_prompts(batch: usize, len: usize, vocab: usize, seed: i64) -> Vec<Vec<i64>> {
+    tch::manual_seed(seed);
+    let ids = Tensor::randint_low(0, vocab as i64, [batch as i64, len as i64], (Kind::Int64, Device::Cpu));
+    (0..batch as i64)
+        .map(|r| Vec::<i64>::try_from(ids.get(r)).unwrap_or_default())
+        .collect()
+}
+
+/// Prefill and decode seconds of each timed run of one system at one point.
+fn time_runs(
+    system: &System,
+    prompts: &[Vec<i64>],
+    gen_len: usize,
+    warmup: usize,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let options = GenerateOptions {
+        max_new_tokens: gen_len,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        keep_prompt_logits: false,
+    };
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for run in 0..warmup + runs {
+        let out = generate(
+            system.prefill,
+            system.decode,
+            prompts,
+            &options,
+            &DecodeOptions::default(),
+            None,
+        )
+        .with_context(|| format!("{} generation", system.name))?;
+        if out.token_ids.iter().any(|t| t.len() != gen_len) {
+            bail!("{}: a row stopped before {gen_len} tokens", system.name);
+        }
+        if run >= warmup {
+            prefill.push(out.prefill_seconds);
+            decode.push(out.decode_seconds);
+        }
+    }
+    Ok((prefill, decode))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(if device.is_cuda() { "bf16" } else { "f32" }))?;
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    for sweep in &args.sweeps {
+        if !["gen", "prompt", "batch"].contains(&sweep.as_str()) {
+            bail!("unknown sweep {sweep:?} (gen, prompt, batch)");
+        }
+    }
+    let lists = [
+        ("--gen-lengths", &args.gen_lengths),
+        ("--prompt-lengths", &args.prompt_lengths),
+        ("--batch-sizes", &args.batch_sizes),
+    ];
+    for (flag, list) in lists {
+        if list.is_empty() || list.contains(&0) {
+            bail!("{flag} must list numbers > 0");
+        }
+    }
+    if args.prompt_len == 0 || args.gen_len == 0 || args.batch == 0 {
+        bail!("--prompt-len, --gen-len and --batch must be > 0");
+    }
+    // The points, in figure order.
+    let mut points: Vec<(&'static str, usize, usize, usize)> = Vec::new();
+    for sweep in &args.sweeps {
+        match sweep.as_str() {
+            "gen" => points.extend(args.gen_lengths.iter().map(|&g| ("gen", args.batch, args.prompt_len, g))),
+            "prompt" => points.extend(args.prompt_lengths.iter().map(|&p| ("prompt", args.batch, p, args.gen_len))),
+            _ => points.extend(args.batch_sizes.iter().map(|&b| ("batch", b, args.prompt_len, args.gen_len))),
+        }
+    }
+    let (full, pruned) = load_models(&args, device, dtype)?;
+    let longest = points.iter().map(|p| p.2 + p.3).max().unwrap_or(0);
+    if longest > full.config.max_position_embeddings {
+        eprintln!(
+            "warning: prompt + generation of up to {longest} tokens passes max_position_embeddings {} (timing is still meaningful)",
+            full.config.max_position_embeddings
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    let bandwidth = copy_bandwidth(device).context("measuring copy bandwidth")?;
+    let full_bytes = decode_weight_bytes(&full);
+    let pruned_bytes = decode_weight_bytes(&pruned);
+    eprintln!(
+        "{} {}: full {:.1}M params ({:.0} MB read per decode step), pruned {:.1}M ({:.0} MB); copy bandwidth {:.1} GB/s",
+        match device {
+            Device::Cuda(n) => format!("cuda:{n}"),
+            _ => "cpu".into(),
+        },
+        dtype_name(dtype),
+        full.config.param_count() as f64 / 1e6,
+        full_bytes as f64 / 1e6,
+        pruned.config.param_count() as f64 / 1e6,
+        pruned_bytes as f64 / 1e6,
+        bandwidth / 1e9
+    );
+    let systems = [
+        System { name: "full", prefill: &full, decode: &full },
+        System { name: "pruned", prefill: &pruned, decode: &pruned },
+        System { name: "overfill", prefill: &full, decode: &pruned },
+    ];
+
+    let progress = ProgressBar::new((points.len() * systems.len()) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("bench-latency {bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    for &(sweep, batch, prompt_len, gen_len) in &points {
+        let prompts = random_prompts(batch, prompt_len, full.config.vocab_size, args.seed);
+        for system in &systems {
+            progress.set_message(format!("{sweep}: {} batch {batch} prompt {prompt_len} gen {gen_len}", system.name));
+            let (prefill, decode) = time_runs(system, &prompts, gen_len, args.warmup, args.runs)?;
+            let total: Vec<f64> = prefill.iter().zip(&decode).map(|(p, d)| p + d).collect();
+            let decode = Stats::of(&decode);
+            let decode_bytes = if std::ptr::eq(system.decode, &full) { full_bytes } else { pruned_bytes };
+            rows.push(Row {
+                sweep,
+                system: system.name,
+                batch,
+                prompt_len,
+                gen_len,
+                prefill: Stats::of(&prefill),
+                decode,
+                total: Stats::of(&total),
+                decode_tokens_per_second: (batch * (gen_len - 1)) as f64 / decode.mean.max(1e-12),
+                ceiling_tokens_per_second: batch as f64 * bandwidth / decode_bytes as f64,
+            });
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+
+    write_csv(&args.out.join("latency.csv"), &rows)?;
+    plots::draw_all(&args.out, &rows, &describe(&full, &pruned, device, dtype))?;
+    let summary = summarize(&args, &rows, bandwidth, full_bytes, pruned_bytes, device, dtype);
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("cannot write {}", args.out.join("summary.json").display()))?;
+    print_table(&rows, bandwidth);
+    eprintln!("wrote {}/latency.csv, summary.json and the figures", args.out.display());
+    Ok(())
+}
+
+/// A subtitle for the figures: shapes, dtype and device.
+fn describe(full: &Transformer, pruned: &Transformer, device: Device, dtype: Kind) -> String {
+    format!(
+        "full D={} I={} ({:.1}M params) / pruned D={} I={} ({:.1}M), {} layers, {} on {}",
+        full.config.hidden_size,
+        full.config.intermediate_size,
+        full.config.param_count() as f64 / 1e6,
+        pruned.config.hidden_size,
+        pruned.config.intermediate_size,
+        pruned.config.param_count() as f64 / 1e6,
+        full.config.num_hidden_layers,
+        dtype_name(dtype),
+        if device.is_cuda() { "CUDA" } else { "CPU" }
+    )
+}
+
+fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
+    let mut text = String::from(
+        "sweep,system,batch,prompt_len,gen_len,prefill_mean_s,prefill_std_s,decode_mean_s,decode_std_s,total_mean_s,total_std_s,decode_tokens_per_s,ceiling_tokens_per_s\n",
+    );
+    for r in rows {
+        text.push_str(&format!(
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.2},{:.2}\n",
+            r.sweep,
+            r.system,
+            r.batch,
+            r.prompt_len,
+            r.gen_len,
+            r.prefill.mean,
+            r.prefill.std,
+            r.decode.mean,
+            r.decode.std,
+            r.total.mean,
+            r.total.std,
+            r.decode_tokens_per_second,
+            r.ceiling_tokens_per_second
+        ));
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The three systems at one point, if measured.
+fn at<'a>(rows: &'a [Row], batch: usize, prompt_len: usize, gen_len: usize, system: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.system == system && r.batch == batch && r.prompt_len == prompt_len && r.gen_len == gen_len)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    args: &Args,
+    rows: &[Row],
+    bandwidth: f64,
+    full_bytes: u64,
+    pruned_bytes: u64,
+    device: Device,
+    dtype: Kind,
+) -> serde_json::Value {
+    // The paper's headline comparisons where the points were measured.
+    let ratios = |batch: usize| {
+        let get = |s| at(rows, batch, args.prompt_len, args.gen_len, s);
+        match (get("full"), get("pruned"), get("overfill")) {
+            (Some(f), Some(p), Some(o)) => json!({
+                "batch": batch,
+                "prompt_len": args.prompt_len,
+                "gen_len": args.gen_len,
+                "overfill_decode_tokens_per_s_over_pruned": o.decode_tokens_per_second / p.decode_tokens_per_second,
+                "overfill_total_over_full": o.total.mean / f.total.mean,
+                "pruned_total_over_full": p.total.mean / f.total.mean,
+            }),
+            _ => serde_json::Value::Null,
+        }
+    };
+    json!({
+        "device": match device { Device::Cuda(n) => format!("cuda:{n}"), _ => "cpu".into() },
+        "dtype": dtype_name(dtype),
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "decode_weight_bytes": {"full": full_bytes, "pruned": pruned_bytes},
+        "batch_1": ratios(1),
+        "batch_default": ratios(args.batch),
+    })
+}
+
+fn print_table(rows: &[Row], bandwidth: f64) {
+    println!(
+        "{:<7} {:<9} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10} {:>10} {:>6}",
+        "sweep", "system", "batch", "prompt", "gen", "prefill ms", "decode ms", "total ms", "dec tok/s", "ceil tok/s", "%ceil"
+    );
+    for r in rows {
+        let ms = |s: Stats| format!("{:.1}±{:.1}", s.mean * 1e3, s.std * 1e3);
+        println!(
+            "{:<7} {:<9} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10.1} {:>10.1} {:>5.0}%",
+            r.sweep,
+            r.system,
+            r.batch,
+            r.prompt_len,
+            r.gen_len,
+            ms(r.prefill),
+            ms(r.decode),
+            ms(r.total),
+            r.decode_tokens_per_second,
+            r.ceiling_tokens_per_second,
+            100.0 * r.decode_tokens_per_second / r.ceiling_tokens_per_second
+        );
+    }
+    println!("ceiling = batch × copy bandwidth ({:.1} GB/s) ÷ weight bytes per decode step", bandwidth / 1e9);
+}
