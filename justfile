@@ -76,11 +76,3 @@ bench-latency *flags: build
     {{overfill}} bench-latency --model-config configs/models/bench-cpu.json --hidden-size 256 --intermediate-size 704 \
         --gen-lengths 32,64,128 --prompt-lengths 64,128,256 --batch-sizes 1,2,4 --warmup 1 --runs 3 --threads 1 \
         --out docs/bench-latency {{flags}}
-
-# The paper's latency study (Figures 3-5) at CPU size: full vs half-width pruned vs OverFill (full prefill,
-# pruned decode) on random weights of configs/models/bench-cpu.json; CSV, PNGs and summary under
-# docs/bench-latency/ (a few minutes). Flags override, e.g. `just bench-latency --runs 10 --warmup 2`.
-bench-latency *flags: build
-    {{overfill}} bench-latency --model-config configs/models/bench-cpu.json --hidden-size 256 --intermediate-size 704 \
-        --gen-lengths 32,64,128 --prompt-lengths 64,128,256 --batch-sizes 1,2,4 --warmup 1 --runs 3 --threads 1 \
-        --out docs/bench-latency {{flags}}
