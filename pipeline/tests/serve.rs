@@ -214,6 +214,47 @@ fn greedy_answers_equal_overfill_generate() {
             assert_eq!(answer["usage"]["completion_tokens"], expected["token_ids"].as_array().unwrap().len());
             assert_eq!(answer["usage"]["prompt_tokens"], expected["prompt_tokens"]);
         }
+        // Seeded sampling draws what `generate` draws with the same settings and seed.
+        let expected = generate_json(
+            &m.full,
+            decoder,
+            &["--raw", "--prompt", "Once", "--max-new-tokens", "10", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "7"],
+        );
+        let sampled = json!({"prompt": "Once", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 7});
+        let (status, answer) = server.post("/v1/completions", &sampled);
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["choices"][0]["text"], expected["text"], "{decoder:?} sampled");
+
+        // A stop string ends the text before it, streaming or not.
+        let (_, greedy) = server.post(
+            "/v1/completions",
+            &json!({"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
+        );
+        let full_text = greedy["choices"][0]["text"].as_str().unwrap().to_string();
+        let chars: Vec<char> = full_text.chars().collect();
+        // Two printable characters, from the middle on (a U+FFFD may be half a character).
+        let printable = |c: &char| *c != '\u{fffd}' && !c.is_control();
+        let at = (chars.len() / 2..chars.len().saturating_sub(1))
+            .chain(0..chars.len() / 2)
+            .find(|&i| chars[i..i + 2].iter().all(printable))
+            .unwrap_or_else(|| panic!("no two printable characters in {full_text:?}"));
+        let stop: String = chars[at..at + 2].iter().collect();
+        let cut = &full_text[..full_text.find(&stop).unwrap()];
+        let request = json!({"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stop": ["never-occurs", stop]});
+        let (_, answer) = server.post("/v1/completions", &request);
+        assert_eq!(answer["choices"][0]["text"], cut, "stop {stop:?} in {full_text:?}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        let mut streaming = request.clone();
+        streaming["stream"] = json!(true);
+        let (status, body) = http(&server.address, "POST", "/v1/completions", streaming.to_string().as_bytes());
+        assert_eq!(status, 200);
+        let data = sse_data(&body);
+        let streamed: String = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(streamed, cut, "streamed with stop {stop:?}");
+
         // A list of prompts is one left-padded batch, as `generate --input` makes it; without
         // stop ids every row runs to the end, so the batches match step for step.
         let prompts = ["a", "a longer prompt here", "mid size"];
@@ -372,7 +413,36 @@ fn two_hundred_concurrent_requests_and_a_full_queue() {
     // 1 + i % 6 tokens for request i.
     let generated: usize = (0..200).map(|i| 1 + i % 6).sum();
     assert_eq!(server.metric("overfill_generated_tokens_total"), generated as f64);
-    assert!(server.metric("overfill_decode_batch_size_count") > 0.0);
+    // Requests that arrived together were decoded together.
+    let steps = server.metric("overfill_decode_batch_size_count");
+    assert!(steps > 0.0 && server.metric("overfill_decode_batch_size_sum") / steps > 1.5, "{steps} steps");
+    let (status, text) = http(&server.address, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    for name in ["overfill_prefill_tokens_per_second", "overfill_decode_tokens_per_second", "overfill_request_latency_seconds_bucket", "overfill_time_to_first_token_seconds_bucket"] {
+        assert!(text.contains(name), "no {name} in /metrics");
+    }
+    assert!(server.metric("overfill_prefill_tokens_per_second") > 0.0);
+
+    // A long stream keeps running while a short request joins its batch, finishes and leaves.
+    let address = server.address.clone();
+    let long = std::thread::spawn(move || {
+        let body = json!({"prompt": "long", "max_tokens": 120, "ignore_eos": true, "stream": true, "temperature": 0});
+        http(&address, "POST", "/v1/completions", body.to_string().as_bytes())
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("overfill_running_sequences") < 1.0 {
+        assert!(Instant::now() < deadline, "the long request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, short) = server.post("/v1/completions", &json!({"prompt": "short", "max_tokens": 3, "ignore_eos": true}));
+    assert_eq!(status, 200, "{short}");
+    assert_eq!(short["usage"]["completion_tokens"], 3);
+    assert_eq!(server.metric("overfill_running_sequences"), 1.0, "the long stream stopped with the short request");
+    let (status, body) = long.join().unwrap();
+    assert_eq!(status, 200);
+    let data = sse_data(&body);
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
     drop(server);
 
     // One row at a time and a queue of 8: a burst of 40 long requests overflows.
