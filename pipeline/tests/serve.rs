@@ -20,12 +20,19 @@ use common::{python, repo_root};
 use serde_json::{json, Value};
 
 fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn overfill_ok(args: &[&str]) -> String {
     let out = overfill(args);
-    assert!(out.status.success(), "overfill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "overfill {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -44,18 +51,47 @@ fn models() -> &'static Models {
         overfill_ok(&["synth-data", "--tokenizer-out", &path("tok")]);
         let config = repo_root().join("configs/models/tiny-llama.json");
         overfill_ok(&[
-            "init-model", "--config", config.to_str().unwrap(), "--out", &path("full"), "--seed", "5",
-            "--std", "0.5", "--tokenizer", &path("tok"),
+            "init-model",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            &path("full"),
+            "--seed",
+            "5",
+            "--std",
+            "0.5",
+            "--tokenizer",
+            &path("tok"),
         ]);
         // Calibration data: a few token-id lists.
-        let calib: Vec<Vec<i64>> = (0..4).map(|r| (0..24).map(|i| 40 + (i * 7 + r * 13) % 200).collect()).collect();
+        let calib: Vec<Vec<i64>> = (0..4)
+            .map(|r| (0..24).map(|i| 40 + (i * 7 + r * 13) % 200).collect())
+            .collect();
         std::fs::write(path("calib.json"), serde_json::to_string(&calib).unwrap()).unwrap();
         overfill_ok(&[
-            "calibrate-prune", "--model", &path("full"), "--data", &path("calib.json"), "--out", &path("pruned"),
-            "--width-hidden", "0.5", "--width-intermediate", "0.5", "--calib-size", "4", "--batch-size", "2",
-            "--device", "cpu",
+            "calibrate-prune",
+            "--model",
+            &path("full"),
+            "--data",
+            &path("calib.json"),
+            "--out",
+            &path("pruned"),
+            "--width-hidden",
+            "0.5",
+            "--width-intermediate",
+            "0.5",
+            "--calib-size",
+            "4",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
         ]);
-        Models { full: path("full"), pruned: path("pruned"), _dir: dir }
+        Models {
+            full: path("full"),
+            pruned: path("pruned"),
+            _dir: dir,
+        }
     })
 }
 
@@ -68,7 +104,15 @@ struct Server {
 
 impl Server {
     fn start(model: &str, decoder: Option<&str>, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--model", model, "--port", "0", "--served-model-name", "tiny"];
+        let mut args = vec![
+            "serve",
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--served-model-name",
+            "tiny",
+        ];
         if let Some(decoder) = decoder {
             args.extend(["--decoder", decoder]);
         }
@@ -96,7 +140,11 @@ impl Server {
         let address = rx
             .recv_timeout(Duration::from_secs(120))
             .unwrap_or_else(|_| panic!("the server did not start:\n{}", stderr.lock().unwrap()));
-        Server { child, address, stderr }
+        Server {
+            child,
+            address,
+            stderr,
+        }
     }
 
     fn base(&self) -> String {
@@ -105,13 +153,17 @@ impl Server {
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, text) = http(&self.address, "POST", path, body.to_string().as_bytes());
-        let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON ({status}): {text}"));
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{path}: not JSON ({status}): {text}"));
         (status, value)
     }
 
     fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
         let (status, text) = http(&self.address, "POST", path, body);
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")),
+        )
     }
 
     fn metric(&self, name: &str) -> f64 {
@@ -134,7 +186,9 @@ impl Drop for Server {
 /// One HTTP/1.1 request on a fresh connection: (status, body); chunked bodies are joined.
 fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nAuthorization: Bearer \r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -145,8 +199,15 @@ fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     stream.read_to_end(&mut raw).unwrap();
     let raw = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -169,7 +230,10 @@ fn dechunk(mut body: &str) -> String {
 
 /// The `data:` payloads of a server-sent-event body.
 fn sse_data(body: &str) -> Vec<String> {
-    body.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_string()).collect()
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
 }
 
 fn generate_json(model: &str, decoder: Option<&str>, extra: &[&str]) -> Value {
@@ -189,41 +253,78 @@ fn greedy_answers_equal_overfill_generate() {
         let server = Server::start(&m.full, decoder, &["--max-batch-size", "4"]);
         for prompt in ["Hello there", "What is 2 + 2?"] {
             // /v1/completions: the text as it is, like `generate --raw`.
-            let expected = generate_json(&m.full, decoder, &["--raw", "--prompt", prompt, "--max-new-tokens", "12"]);
+            let expected = generate_json(
+                &m.full,
+                decoder,
+                &["--raw", "--prompt", prompt, "--max-new-tokens", "12"],
+            );
             let (status, answer) = server.post(
                 "/v1/completions",
                 &json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
             );
             assert_eq!(status, 200, "{answer}");
-            assert_eq!(answer["choices"][0]["text"], expected["text"], "{decoder:?} {prompt:?}");
+            assert_eq!(
+                answer["choices"][0]["text"], expected["text"],
+                "{decoder:?} {prompt:?}"
+            );
             let n = expected["token_ids"].as_array().unwrap().len();
             assert_eq!(answer["usage"]["completion_tokens"], n);
             assert_eq!(answer["usage"]["prompt_tokens"], expected["prompt_tokens"]);
             assert_eq!(answer["choices"][0]["index"], 0);
-            assert_eq!(answer["choices"][0]["finish_reason"], if n == 12 { "length" } else { "stop" });
+            assert_eq!(
+                answer["choices"][0]["finish_reason"],
+                if n == 12 { "length" } else { "stop" }
+            );
 
             // /v1/chat/completions: rendered with the chat template, like `generate --prompt`.
-            let expected = generate_json(&m.full, decoder, &["--prompt", prompt, "--max-new-tokens", "12"]);
+            let expected = generate_json(
+                &m.full,
+                decoder,
+                &["--prompt", prompt, "--max-new-tokens", "12"],
+            );
             let (status, answer) = server.post(
                 "/v1/chat/completions",
                 &json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0.0, "seed": 1234}),
             );
             assert_eq!(status, 200, "{answer}");
-            assert_eq!(answer["choices"][0]["message"]["content"], expected["text"], "{decoder:?} {prompt:?}");
+            assert_eq!(
+                answer["choices"][0]["message"]["content"], expected["text"],
+                "{decoder:?} {prompt:?}"
+            );
             assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
-            assert_eq!(answer["usage"]["completion_tokens"], expected["token_ids"].as_array().unwrap().len());
+            assert_eq!(
+                answer["usage"]["completion_tokens"],
+                expected["token_ids"].as_array().unwrap().len()
+            );
             assert_eq!(answer["usage"]["prompt_tokens"], expected["prompt_tokens"]);
         }
         // Seeded sampling draws what `generate` draws with the same settings and seed.
         let expected = generate_json(
             &m.full,
             decoder,
-            &["--raw", "--prompt", "Once", "--max-new-tokens", "10", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "7"],
+            &[
+                "--raw",
+                "--prompt",
+                "Once",
+                "--max-new-tokens",
+                "10",
+                "--temperature",
+                "0.9",
+                "--top-p",
+                "0.95",
+                "--top-k",
+                "50",
+                "--seed",
+                "7",
+            ],
         );
         let sampled = json!({"prompt": "Once", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 7});
         let (status, answer) = server.post("/v1/completions", &sampled);
         assert_eq!(status, 200, "{answer}");
-        assert_eq!(answer["choices"][0]["text"], expected["text"], "{decoder:?} sampled");
+        assert_eq!(
+            answer["choices"][0]["text"], expected["text"],
+            "{decoder:?} sampled"
+        );
 
         // A stop string ends the text before it, streaming or not.
         let (_, greedy) = server.post(
@@ -242,16 +343,29 @@ fn greedy_answers_equal_overfill_generate() {
         let cut = &full_text[..full_text.find(&stop).unwrap()];
         let request = json!({"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stop": ["never-occurs", stop]});
         let (_, answer) = server.post("/v1/completions", &request);
-        assert_eq!(answer["choices"][0]["text"], cut, "stop {stop:?} in {full_text:?}");
+        assert_eq!(
+            answer["choices"][0]["text"], cut,
+            "stop {stop:?} in {full_text:?}"
+        );
         assert_eq!(answer["choices"][0]["finish_reason"], "stop");
         let mut streaming = request.clone();
         streaming["stream"] = json!(true);
-        let (status, body) = http(&server.address, "POST", "/v1/completions", streaming.to_string().as_bytes());
+        let (status, body) = http(
+            &server.address,
+            "POST",
+            "/v1/completions",
+            streaming.to_string().as_bytes(),
+        );
         assert_eq!(status, 200);
         let data = sse_data(&body);
         let streamed: String = data[..data.len() - 1]
             .iter()
-            .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+            .map(|d| {
+                serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         assert_eq!(streamed, cut, "streamed with stop {stop:?}");
 
@@ -260,12 +374,23 @@ fn greedy_answers_equal_overfill_generate() {
         let prompts = ["a", "a longer prompt here", "mid size"];
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("in.jsonl");
-        let lines: Vec<String> = prompts.iter().map(|p| json!({"prompt": p}).to_string()).collect();
+        let lines: Vec<String> = prompts
+            .iter()
+            .map(|p| json!({"prompt": p}).to_string())
+            .collect();
         std::fs::write(&jsonl, lines.join("\n")).unwrap();
         let expected = generate_json(
             &m.full,
             decoder,
-            &["--raw", "--input", jsonl.to_str().unwrap(), "--max-new-tokens", "6", "--stop-ids", "none"],
+            &[
+                "--raw",
+                "--input",
+                jsonl.to_str().unwrap(),
+                "--max-new-tokens",
+                "6",
+                "--stop-ids",
+                "none",
+            ],
         );
         let (status, answer) = server.post(
             "/v1/completions",
@@ -291,14 +416,37 @@ fn openai_client_and_lm_eval_against_the_server() {
         .args([&format!("{}/v1", server.base()), "Tell me a story", "10"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "openai client:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openai client:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["model"], "tiny");
-    let expected = generate_json(&m.full, Some(&m.pruned), &["--raw", "--prompt", "Tell me a story", "--max-new-tokens", "10"]);
+    let expected = generate_json(
+        &m.full,
+        Some(&m.pruned),
+        &[
+            "--raw",
+            "--prompt",
+            "Tell me a story",
+            "--max-new-tokens",
+            "10",
+        ],
+    );
     assert_eq!(got["completion"]["text"], expected["text"], "{got}");
-    assert_eq!(got["completion_stream"]["text"], got["completion"]["text"], "{got}");
-    assert_eq!(got["completion_stream"]["usage"], got["completion"]["usage"], "{got}");
-    assert_eq!(got["completion_stream"]["finish_reason"], got["completion"]["finish_reason"]);
+    assert_eq!(
+        got["completion_stream"]["text"], got["completion"]["text"],
+        "{got}"
+    );
+    assert_eq!(
+        got["completion_stream"]["usage"], got["completion"]["usage"],
+        "{got}"
+    );
+    assert_eq!(
+        got["completion_stream"]["finish_reason"],
+        got["completion"]["finish_reason"]
+    );
     assert_eq!(got["chat_stream"]["text"], got["chat"]["text"], "{got}");
     assert_eq!(got["chat_stream"]["usage"], got["chat"]["usage"], "{got}");
     assert_eq!(got["chat_stream"]["roles"], json!(["assistant"]));
@@ -314,11 +462,18 @@ fn openai_client_and_lm_eval_against_the_server() {
     // lm-evaluation-harness, offline, on the shipped task.
     let lm_eval = python().with_file_name("lm_eval");
     if !lm_eval.is_file() {
-        panic!("{} is missing: lm_eval[api] must be installed by the set-up", lm_eval.display());
+        panic!(
+            "{} is missing: lm_eval[api] must be installed by the set-up",
+            lm_eval.display()
+        );
     }
     let out_dir = tempfile::tempdir().unwrap();
     for (kind, endpoint, extra) in [
-        ("local-completions", "/v1/completions", ",tokenizer_backend=none"),
+        (
+            "local-completions",
+            "/v1/completions",
+            ",tokenizer_backend=none",
+        ),
         ("local-chat-completions", "/v1/chat/completions", ""),
     ] {
         let output_path = out_dir.path().join(kind);
@@ -328,30 +483,54 @@ fn openai_client_and_lm_eval_against_the_server() {
             .env("HF_DATASETS_OFFLINE", "1")
             .env("HF_HOME", out_dir.path().join("hf"))
             .args(["--model", kind, "--model_args"])
-            .arg(format!("base_url={}{endpoint},model=tiny{extra}", server.base()))
-            .args(["--tasks", "add_gen", "--include_path", "tests/lm_eval", "--log_samples", "--output_path"])
+            .arg(format!(
+                "base_url={}{endpoint},model=tiny{extra}",
+                server.base()
+            ))
+            .args([
+                "--tasks",
+                "add_gen",
+                "--include_path",
+                "tests/lm_eval",
+                "--log_samples",
+                "--output_path",
+            ])
             .arg(&output_path);
         if kind == "local-chat-completions" {
             cmd.arg("--apply_chat_template");
         }
         let run = cmd.output().unwrap();
-        assert!(run.status.success(), "lm_eval {kind}:\n{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "lm_eval {kind}:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         let results = find_file(&output_path, "results_");
-        let results: Value = serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+        let results: Value =
+            serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
         let metric = results["results"]["add_gen"]["exact_match,strip"].as_f64();
         let metric = metric.unwrap_or_else(|| panic!("{kind}: no exact_match in {results}"));
         assert!((0.0..=1.0).contains(&metric), "{kind}: {metric}");
 
         // Every logged answer is what the server answers that prompt alone, cut at the stops.
         let samples = std::fs::read_to_string(find_file(&output_path, "samples_add_gen")).unwrap();
-        let samples: Vec<Value> = samples.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let samples: Vec<Value> = samples
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(samples.len(), 10, "{kind}");
         for sample in &samples {
             // Completions log the prompt; chat a one-item list holding the messages as JSON.
             let arg = &sample["arguments"]["gen_args_0"]["arg_0"];
-            let context = arg.as_str().or_else(|| arg[0].as_str()).unwrap_or_else(|| panic!("{kind}: {sample}"));
+            let context = arg
+                .as_str()
+                .or_else(|| arg[0].as_str())
+                .unwrap_or_else(|| panic!("{kind}: {sample}"));
             let logged = sample["resps"][0][0].as_str().unwrap();
-            assert!(!logged.contains('\n') && !logged.contains("Question:"), "{kind}: stop not applied: {logged:?}");
+            assert!(
+                !logged.contains('\n') && !logged.contains("Question:"),
+                "{kind}: stop not applied: {logged:?}"
+            );
             let request = if kind == "local-completions" {
                 json!({"prompt": context, "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
             } else {
@@ -378,7 +557,12 @@ fn find_file(dir: &Path, prefix: &str) -> PathBuf {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.file_name().unwrap().to_string_lossy().starts_with(prefix) {
+            } else if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(prefix)
+            {
                 return path;
             }
         }
@@ -393,14 +577,22 @@ fn load_test(server: &Server, extra: &[&str]) -> Value {
         .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success(), "serve_load.py:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "serve_load.py:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
 fn two_hundred_concurrent_requests_and_a_full_queue() {
     let m = models();
-    let server = Server::start(&m.full, Some(&m.pruned), &["--max-batch-size", "16", "--max-queue", "512"]);
+    let server = Server::start(
+        &m.full,
+        Some(&m.pruned),
+        &["--max-batch-size", "16", "--max-queue", "512"],
+    );
     let report = load_test(&server, &["--requests", "200"]);
     assert_eq!(report["statuses"], json!({"200": 200}), "{report}");
     assert_eq!(report["complete"], 200, "{report}");
@@ -412,13 +604,24 @@ fn two_hundred_concurrent_requests_and_a_full_queue() {
     assert_eq!(server.metric("overfill_queue_depth"), 0.0);
     // 1 + i % 6 tokens for request i.
     let generated: usize = (0..200).map(|i| 1 + i % 6).sum();
-    assert_eq!(server.metric("overfill_generated_tokens_total"), generated as f64);
+    assert_eq!(
+        server.metric("overfill_generated_tokens_total"),
+        generated as f64
+    );
     // Requests that arrived together were decoded together.
     let steps = server.metric("overfill_decode_batch_size_count");
-    assert!(steps > 0.0 && server.metric("overfill_decode_batch_size_sum") / steps > 1.5, "{steps} steps");
+    assert!(
+        steps > 0.0 && server.metric("overfill_decode_batch_size_sum") / steps > 1.5,
+        "{steps} steps"
+    );
     let (status, text) = http(&server.address, "GET", "/metrics", b"");
     assert_eq!(status, 200);
-    for name in ["overfill_prefill_tokens_per_second", "overfill_decode_tokens_per_second", "overfill_request_latency_seconds_bucket", "overfill_time_to_first_token_seconds_bucket"] {
+    for name in [
+        "overfill_prefill_tokens_per_second",
+        "overfill_decode_tokens_per_second",
+        "overfill_request_latency_seconds_bucket",
+        "overfill_time_to_first_token_seconds_bucket",
+    ] {
         assert!(text.contains(name), "no {name} in /metrics");
     }
     assert!(server.metric("overfill_prefill_tokens_per_second") > 0.0);
@@ -427,26 +630,48 @@ fn two_hundred_concurrent_requests_and_a_full_queue() {
     let address = server.address.clone();
     let long = std::thread::spawn(move || {
         let body = json!({"prompt": "long", "max_tokens": 120, "ignore_eos": true, "stream": true, "temperature": 0});
-        http(&address, "POST", "/v1/completions", body.to_string().as_bytes())
+        http(
+            &address,
+            "POST",
+            "/v1/completions",
+            body.to_string().as_bytes(),
+        )
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.metric("overfill_running_sequences") < 1.0 {
         assert!(Instant::now() < deadline, "the long request never started");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (status, short) = server.post("/v1/completions", &json!({"prompt": "short", "max_tokens": 3, "ignore_eos": true}));
+    let (status, short) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "short", "max_tokens": 3, "ignore_eos": true}),
+    );
     assert_eq!(status, 200, "{short}");
     assert_eq!(short["usage"]["completion_tokens"], 3);
-    assert_eq!(server.metric("overfill_running_sequences"), 1.0, "the long stream stopped with the short request");
+    assert_eq!(
+        server.metric("overfill_running_sequences"),
+        1.0,
+        "the long stream stopped with the short request"
+    );
     let (status, body) = long.join().unwrap();
     assert_eq!(status, 200);
     let data = sse_data(&body);
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
     drop(server);
 
     // One row at a time and a queue of 8: a burst of 40 long requests overflows.
-    let server = Server::start(&m.full, Some(&m.pruned), &["--max-batch-size", "1", "--max-queue", "8"]);
+    let server = Server::start(
+        &m.full,
+        Some(&m.pruned),
+        &["--max-batch-size", "1", "--max-queue", "8"],
+    );
     let report = load_test(&server, &["--requests", "40", "--max-tokens-base", "16"]);
     let statuses = report["statuses"].as_object().unwrap();
     let ok = statuses.get("200").and_then(Value::as_u64).unwrap_or(0);
@@ -456,13 +681,18 @@ fn two_hundred_concurrent_requests_and_a_full_queue() {
     assert_eq!(report["complete"], ok, "{report}");
     assert_eq!(report["problems"], json!([]), "{report}");
     assert_eq!(report["health_after"], 200);
-    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "still there?", "max_tokens": 2}));
+    let (status, answer) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "still there?", "max_tokens": 2}),
+    );
     assert_eq!(status, 200, "{answer}");
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>, what: &str) {
     assert_eq!(status, want_status, "{what}: {body}");
-    let error = body["error"].as_object().unwrap_or_else(|| panic!("{what}: {body}"));
+    let error = body["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: {body}"));
     for key in ["message", "type", "param", "code"] {
         assert!(error.contains_key(key), "{what}: no {key} in {body}");
     }
@@ -478,29 +708,116 @@ fn bad_requests_disconnects_and_sigterm() {
     let mut server = Server::start(
         &m.full,
         None,
-        &["--max-prompt-tokens", "64", "--max-tokens-limit", "1500", "--max-body-bytes", "4096"],
+        &[
+            "--max-prompt-tokens",
+            "64",
+            "--max-tokens-limit",
+            "1500",
+            "--max-body-bytes",
+            "4096",
+        ],
     );
     let c = "/v1/completions";
     let chat = "/v1/chat/completions";
     let cases: Vec<(&str, &str, Vec<u8>, Option<&str>)> = vec![
         ("malformed JSON", c, br#"{"prompt": "#.to_vec(), None),
         ("not an object", c, b"[1, 2]".to_vec(), None),
-        ("missing prompt", c, br#"{"max_tokens": 2}"#.to_vec(), Some("prompt")),
-        ("prompt of the wrong type", c, br#"{"prompt": 5}"#.to_vec(), Some("prompt")),
-        ("max_tokens a string", c, br#"{"prompt": "hi", "max_tokens": "ten"}"#.to_vec(), Some("max_tokens")),
-        ("negative max_tokens", c, br#"{"prompt": "hi", "max_tokens": -1}"#.to_vec(), Some("max_tokens")),
-        ("temperature a string", c, br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(), Some("temperature")),
-        ("stop a number", c, br#"{"prompt": "hi", "stop": 3}"#.to_vec(), Some("stop")),
-        ("stream a string", c, br#"{"prompt": "hi", "stream": "yes"}"#.to_vec(), Some("stream")),
-        ("token id out of range", c, br#"{"prompt": [1, 99999]}"#.to_vec(), Some("prompt")),
-        ("n = 2", c, br#"{"prompt": "hi", "n": 2}"#.to_vec(), Some("n")),
-        ("top_p 0", c, br#"{"prompt": "hi", "top_p": 0, "temperature": 1}"#.to_vec(), None),
-        ("messages a string", chat, br#"{"messages": "hi"}"#.to_vec(), Some("messages")),
-        ("unknown role", chat, br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(), Some("messages[0].role")),
-        ("content a number", chat, br#"{"messages": [{"role": "user", "content": 7}]}"#.to_vec(), Some("messages[0].content")),
-        ("no messages", chat, br#"{"messages": []}"#.to_vec(), Some("messages")),
-        ("max_tokens over the limit", c, br#"{"prompt": "hi", "max_tokens": 1501}"#.to_vec(), Some("max_tokens")),
-        ("max_tokens 0", c, br#"{"prompt": "hi", "max_tokens": 0}"#.to_vec(), Some("max_tokens")),
+        (
+            "missing prompt",
+            c,
+            br#"{"max_tokens": 2}"#.to_vec(),
+            Some("prompt"),
+        ),
+        (
+            "prompt of the wrong type",
+            c,
+            br#"{"prompt": 5}"#.to_vec(),
+            Some("prompt"),
+        ),
+        (
+            "max_tokens a string",
+            c,
+            br#"{"prompt": "hi", "max_tokens": "ten"}"#.to_vec(),
+            Some("max_tokens"),
+        ),
+        (
+            "negative max_tokens",
+            c,
+            br#"{"prompt": "hi", "max_tokens": -1}"#.to_vec(),
+            Some("max_tokens"),
+        ),
+        (
+            "temperature a string",
+            c,
+            br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(),
+            Some("temperature"),
+        ),
+        (
+            "stop a number",
+            c,
+            br#"{"prompt": "hi", "stop": 3}"#.to_vec(),
+            Some("stop"),
+        ),
+        (
+            "stream a string",
+            c,
+            br#"{"prompt": "hi", "stream": "yes"}"#.to_vec(),
+            Some("stream"),
+        ),
+        (
+            "token id out of range",
+            c,
+            br#"{"prompt": [1, 99999]}"#.to_vec(),
+            Some("prompt"),
+        ),
+        (
+            "n = 2",
+            c,
+            br#"{"prompt": "hi", "n": 2}"#.to_vec(),
+            Some("n"),
+        ),
+        (
+            "top_p 0",
+            c,
+            br#"{"prompt": "hi", "top_p": 0, "temperature": 1}"#.to_vec(),
+            None,
+        ),
+        (
+            "messages a string",
+            chat,
+            br#"{"messages": "hi"}"#.to_vec(),
+            Some("messages"),
+        ),
+        (
+            "unknown role",
+            chat,
+            br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(),
+            Some("messages[0].role"),
+        ),
+        (
+            "content a number",
+            chat,
+            br#"{"messages": [{"role": "user", "content": 7}]}"#.to_vec(),
+            Some("messages[0].content"),
+        ),
+        (
+            "no messages",
+            chat,
+            br#"{"messages": []}"#.to_vec(),
+            Some("messages"),
+        ),
+        (
+            "max_tokens over the limit",
+            c,
+            br#"{"prompt": "hi", "max_tokens": 1501}"#.to_vec(),
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens 0",
+            c,
+            br#"{"prompt": "hi", "max_tokens": 0}"#.to_vec(),
+            Some("max_tokens"),
+        ),
     ];
     for (what, path, body, param) in &cases {
         let (status, answer) = server.post_raw(path, body);
@@ -510,13 +827,28 @@ fn bad_requests_disconnects_and_sigterm() {
     let (status, answer) = server.post(c, &json!({"prompt": long}));
     assert_error(status, &answer, 400, Some("prompt"), "prompt too long");
     assert_eq!(answer["error"]["code"], "context_length_exceeded");
-    let (status, answer) = server.post(chat, &json!({"messages": [{"role": "user", "content": long}]}));
-    assert_error(status, &answer, 400, Some("messages"), "chat prompt too long");
+    let (status, answer) = server.post(
+        chat,
+        &json!({"messages": [{"role": "user", "content": long}]}),
+    );
+    assert_error(
+        status,
+        &answer,
+        400,
+        Some("messages"),
+        "chat prompt too long",
+    );
     let (status, answer) = server.post(c, &json!({"prompt": "y".repeat(5000)}));
     assert_error(status, &answer, 400, None, "body too big");
     assert_eq!(answer["error"]["code"], "request_too_large");
     let (status, text) = http(&server.address, "GET", "/v1/nothing", b"");
-    assert_error(status, &serde_json::from_str(&text).unwrap(), 404, None, "unknown path");
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        404,
+        None,
+        "unknown path",
+    );
     // Unknown fields are accepted (lm_eval sends seed and its generation_kwargs verbatim).
     let (status, answer) = server.post(
         c,
@@ -525,8 +857,14 @@ fn bad_requests_disconnects_and_sigterm() {
     assert_eq!(status, 200, "{answer}");
     let (status, text) = http(&server.address, "GET", "/v1/models", b"");
     assert_eq!(status, 200);
-    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["data"][0]["id"], "tiny");
-    assert_eq!(server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""), 16.0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["data"][0]["id"],
+        "tiny"
+    );
+    assert_eq!(
+        server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""),
+        16.0
+    );
 
     // A streaming client that goes away after its first chunk frees its row.
     let request = json!({"prompt": "go on", "max_tokens": 1500, "ignore_eos": true, "stream": true, "temperature": 0}).to_string();
@@ -542,8 +880,13 @@ fn bad_requests_disconnects_and_sigterm() {
     assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while server.metric("overfill_cancelled_sequences_total") < 1.0 || server.metric("overfill_running_sequences") > 0.0 {
-        assert!(Instant::now() < deadline, "the disconnected stream still holds its row");
+    while server.metric("overfill_cancelled_sequences_total") < 1.0
+        || server.metric("overfill_running_sequences") > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected stream still holds its row"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(server.metric("overfill_generated_tokens_total") < 1500.0);
@@ -565,22 +908,37 @@ fn bad_requests_disconnects_and_sigterm() {
         assert!(Instant::now() < deadline, "the last request never started");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let killed = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, 200);
     let data = sse_data(&body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
-    let finish: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert_eq!(finish.last().unwrap()["choices"][0]["finish_reason"], "length");
+    let finish: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(
+        finish.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
-    assert!(TcpStream::connect(&server.address).is_err(), "still accepting after SIGTERM");
+    assert!(
+        TcpStream::connect(&server.address).is_err(),
+        "still accepting after SIGTERM"
+    );
 }

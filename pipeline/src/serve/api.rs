@@ -135,19 +135,31 @@ pub fn read_prompts(prompt: &Value) -> Result<Prompts, ApiError> {
             Some("prompt"),
         )
     };
-    let ids = |v: &Value| -> Option<Vec<i64>> {
-        v.as_array()?.iter().map(Value::as_i64).collect()
-    };
+    let ids = |v: &Value| -> Option<Vec<i64>> { v.as_array()?.iter().map(Value::as_i64).collect() };
     let prompts = match prompt {
         Value::String(s) => Prompts::Texts(vec![s.clone()]),
-        Value::Array(items) if items.is_empty() => return Err(ApiError::invalid("`prompt` is an empty list", Some("prompt"))),
-        Value::Array(items) if items.iter().all(Value::is_string) => Prompts::Texts(
-            items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-        ),
-        Value::Array(items) if items.iter().all(Value::is_number) => Prompts::Ids(vec![ids(prompt).ok_or_else(bad)?]),
-        Value::Array(items) if items.iter().all(Value::is_array) => {
-            Prompts::Ids(items.iter().map(ids).collect::<Option<_>>().ok_or_else(bad)?)
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid(
+                "`prompt` is an empty list",
+                Some("prompt"),
+            ))
         }
+        Value::Array(items) if items.iter().all(Value::is_string) => Prompts::Texts(
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        ),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            Prompts::Ids(vec![ids(prompt).ok_or_else(bad)?])
+        }
+        Value::Array(items) if items.iter().all(Value::is_array) => Prompts::Ids(
+            items
+                .iter()
+                .map(ids)
+                .collect::<Option<_>>()
+                .ok_or_else(bad)?,
+        ),
         _ => return Err(bad()),
     };
     Ok(prompts)
@@ -162,8 +174,13 @@ pub fn read_stop(stop: &Option<Value>) -> Result<Vec<String>, ApiError> {
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::invalid("`stop` must be a string or a list of strings", Some("stop"))),
-        Some(_) => Err(ApiError::invalid("`stop` must be a string or a list of strings", Some("stop"))),
+            .ok_or_else(|| {
+                ApiError::invalid("`stop` must be a string or a list of strings", Some("stop"))
+            }),
+        Some(_) => Err(ApiError::invalid(
+            "`stop` must be a string or a list of strings",
+            Some("stop"),
+        )),
     }
 }
 

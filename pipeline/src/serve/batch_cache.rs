@@ -53,8 +53,14 @@ pub fn concat_rows(running: &KvCache, joining: &KvCache) -> Result<KvCache> {
         .zip(&b_layers)
         .map(|((ak, av), (bk, bv))| {
             (
-                Tensor::cat(&[left_pad_slots(ak, 2, a_pad), left_pad_slots(bk, 2, b_pad)], 0),
-                Tensor::cat(&[left_pad_slots(av, 2, a_pad), left_pad_slots(bv, 2, b_pad)], 0),
+                Tensor::cat(
+                    &[left_pad_slots(ak, 2, a_pad), left_pad_slots(bk, 2, b_pad)],
+                    0,
+                ),
+                Tensor::cat(
+                    &[left_pad_slots(av, 2, a_pad), left_pad_slots(bv, 2, b_pad)],
+                    0,
+                ),
             )
         })
         .collect();
@@ -91,7 +97,10 @@ pub fn select_rows(cache: &KvCache, keep: &[i64]) -> Result<Option<KvCache>> {
             )
         })
         .collect();
-    Ok(Some(KvCache::from_parts(layers, mask.narrow(1, first, slots))?))
+    Ok(Some(KvCache::from_parts(
+        layers,
+        mask.narrow(1, first, slots),
+    )?))
 }
 
 #[cfg(test)]
@@ -133,10 +142,16 @@ mod tests {
             k_rows(&merged),
             vec![vec![0., 1., 2.], vec![0., 0., 1.], vec![0., 100., 101.]]
         );
-        assert_eq!(mask_rows(&merged), vec![vec![1, 1, 1], vec![0, 0, 1], vec![0, 1, 1]]);
+        assert_eq!(
+            mask_rows(&merged),
+            vec![vec![1, 1, 1], vec![0, 0, 1], vec![0, 1, 1]]
+        );
         // And the other way round: the running rows get the padding.
         let merged = concat_rows(&joining, &running).unwrap();
-        assert_eq!(mask_rows(&merged), vec![vec![0, 0, 1], vec![0, 1, 1], vec![1, 1, 1]]);
+        assert_eq!(
+            mask_rows(&merged),
+            vec![vec![0, 0, 1], vec![0, 1, 1], vec![1, 1, 1]]
+        );
         let (_, v) = &merged.layers()[0];
         assert_eq!(v.get(2).flatten(0, -1).double_value(&[2]), -2.0);
     }
@@ -147,7 +162,10 @@ mod tests {
         let kept = select_rows(&c, &[2, 1]).unwrap().unwrap();
         assert_eq!(kept.len(), 3);
         assert_eq!(mask_rows(&kept), vec![vec![1, 1, 1], vec![0, 1, 1]]);
-        assert_eq!(k_rows(&kept), vec![vec![201., 202., 203.], vec![101., 102., 103.]]);
+        assert_eq!(
+            k_rows(&kept),
+            vec![vec![201., 202., 203.], vec![101., 102., 103.]]
+        );
         assert!(select_rows(&c, &[]).unwrap().is_none());
     }
 }

@@ -180,7 +180,13 @@ pub fn spawn(
                 }
             };
             let mut engine = Engine {
-                pad_token_id: models.prefill.config.eos_token_ids.first().copied().unwrap_or(0),
+                pad_token_id: models
+                    .prefill
+                    .config
+                    .eos_token_ids
+                    .first()
+                    .copied()
+                    .unwrap_or(0),
                 models,
                 codec,
                 metrics: engine_metrics,
@@ -403,7 +409,9 @@ impl Engine {
             .collect();
         let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
         let ids = Tensor::from_slice(&ids).view([rows, 1]).to_device(device);
-        let positions = Tensor::from_slice(&positions).view([rows, 1]).to_device(device);
+        let positions = Tensor::from_slice(&positions)
+            .view([rows, 1])
+            .to_device(device);
         let Some(cache) = self.cache.as_mut() else {
             bail!("internal: running rows without a KV cache");
         };
@@ -460,7 +468,9 @@ impl Engine {
             .filter(|(r, &s)| !s && !r.finished)
             .count();
         self.metrics.cancelled.inc_by(abandoned as u64);
-        let keep: Vec<i64> = (0..stays.len() as i64).filter(|&i| stays[i as usize]).collect();
+        let keep: Vec<i64> = (0..stays.len() as i64)
+            .filter(|&i| stays[i as usize])
+            .collect();
         self.cache = match &self.cache {
             Some(cache) => select_rows(cache, &keep)?,
             None => None,

@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::api::{message_text, parse_body, read_prompts, read_stop, usage, ApiError, GenerationRequest, Prompts};
+use super::api::{
+    message_text, parse_body, read_prompts, read_stop, usage, ApiError, GenerationRequest, Prompts,
+};
 use super::engine::{EngineHandle, Event, FinishReason, GenerationParams, Sequence, SubmitError};
 use super::metrics::Metrics;
 use super::text::TextCodec;
@@ -116,7 +118,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     if state.engine.is_alive() {
         Json(json!({"status": "ok", "queued": state.engine.queued()})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "engine stopped"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "engine stopped"})),
+        )
+            .into_response()
     }
 }
 
@@ -181,7 +187,10 @@ fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
         )
         .with_code("request_too_large")
     } else {
-        ApiError::invalid(format!("cannot read the request body: {}", rejection.body_text()), None)
+        ApiError::invalid(
+            format!("cannot read the request body: {}", rejection.body_text()),
+            None,
+        )
     }
 }
 
@@ -202,7 +211,12 @@ fn prepare(
     match &request.logprobs {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
-        Some(_) => return Err(ApiError::invalid("logprobs are not supported", Some("logprobs"))),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logprobs are not supported",
+                Some("logprobs"),
+            ))
+        }
     }
     let stop_strings = read_stop(&request.stop)?;
 
@@ -212,7 +226,10 @@ fn prepare(
     };
     for prompt in &prompts {
         if prompt.is_empty() {
-            return Err(ApiError::invalid(format!("`{param}` has no tokens"), Some(param)));
+            return Err(ApiError::invalid(
+                format!("`{param}` has no tokens"),
+                Some(param),
+            ));
         }
         if prompt.len() > limits.max_prompt_tokens {
             return Err(ApiError::invalid(
@@ -280,7 +297,11 @@ fn prepare(
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
-            nanos ^ state.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+            nanos
+                ^ state
+                    .next_id
+                    .fetch_add(1, Ordering::Relaxed)
+                    .rotate_left(32)
         }
     };
     let sampling = Sampling::new(temperature, top_k, request.top_p.unwrap_or(1.0), seed)
@@ -314,7 +335,10 @@ fn prepare(
     })
 }
 
-fn completion_prompts(state: &AppState, request: &GenerationRequest) -> Result<Vec<Vec<i64>>, ApiError> {
+fn completion_prompts(
+    state: &AppState,
+    request: &GenerationRequest,
+) -> Result<Vec<Vec<i64>>, ApiError> {
     let Some(prompt) = &request.prompt else {
         return Err(ApiError::invalid("`prompt` is required", Some("prompt")));
     };
@@ -345,7 +369,10 @@ fn completion_prompts(state: &AppState, request: &GenerationRequest) -> Result<V
 
 fn chat_prompt(state: &AppState, request: &GenerationRequest) -> Result<Vec<i64>, ApiError> {
     let Some(messages) = &request.messages else {
-        return Err(ApiError::invalid("`messages` is required", Some("messages")));
+        return Err(ApiError::invalid(
+            "`messages` is required",
+            Some("messages"),
+        ));
     };
     if messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
@@ -416,7 +443,15 @@ async fn run(
     };
     let n = job.prompts.len();
     if job.stream {
-        let response = stream(state.clone(), events, endpoint, id, n, job.include_usage, arrived);
+        let response = stream(
+            state.clone(),
+            events,
+            endpoint,
+            id,
+            n,
+            job.include_usage,
+            arrived,
+        );
         return Ok((response, true));
     }
 
@@ -437,7 +472,11 @@ async fn run(
                 completion_tokens += c;
             }
             Some(Event::Failed { message }) => return Err(server_error(message)),
-            None => return Err(server_error("the engine stopped before the answer was complete".into())),
+            None => {
+                return Err(server_error(
+                    "the engine stopped before the answer was complete".into(),
+                ))
+            }
         }
     }
     let choices: Vec<Value> = texts
@@ -548,7 +587,8 @@ fn stream(
             };
             let sent = match event {
                 Some(Event::Text { index, delta }) => {
-                    out.send(chunk(Some(text_choice(index, Some(&delta), None)), None)).await
+                    out.send(chunk(Some(text_choice(index, Some(&delta), None)), None))
+                        .await
                 }
                 Some(Event::Done {
                     index,
@@ -560,10 +600,18 @@ fn stream(
                     prompt_tokens += p;
                     completion_tokens += c;
                     let text = (endpoint == Endpoint::Completions).then_some("");
-                    out.send(chunk(Some(text_choice(index, text, Some(finish_reason))), None)).await
+                    out.send(chunk(
+                        Some(text_choice(index, text, Some(finish_reason))),
+                        None,
+                    ))
+                    .await
                 }
                 Some(Event::Failed { message }) => {
-                    let _ = out.send(Ok(SseEvent::default().data(server_error(message).body().to_string()))).await;
+                    let _ = out
+                        .send(Ok(
+                            SseEvent::default().data(server_error(message).body().to_string())
+                        ))
+                        .await;
                     break;
                 }
                 None => break,
@@ -573,7 +621,9 @@ fn stream(
             }
         }
         if done == n && include_usage {
-            let _ = out.send(chunk(None, Some(usage(prompt_tokens, completion_tokens)))).await;
+            let _ = out
+                .send(chunk(None, Some(usage(prompt_tokens, completion_tokens))))
+                .await;
         }
         let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
         state

@@ -42,12 +42,20 @@ impl Metrics {
     pub fn new() -> Result<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("overfill_requests_total", "HTTP requests answered, by endpoint and status"),
+            Opts::new(
+                "overfill_requests_total",
+                "HTTP requests answered, by endpoint and status",
+            ),
             &["endpoint", "status"],
         )?;
-        let queue_depth = IntGauge::new("overfill_queue_depth", "Sequences waiting for a batch slot")?;
-        let running = IntGauge::new("overfill_running_sequences", "Sequences in the running batch")?;
-        let prompt_tokens = IntCounter::new("overfill_prompt_tokens_total", "Prompt tokens prefilled")?;
+        let queue_depth =
+            IntGauge::new("overfill_queue_depth", "Sequences waiting for a batch slot")?;
+        let running = IntGauge::new(
+            "overfill_running_sequences",
+            "Sequences in the running batch",
+        )?;
+        let prompt_tokens =
+            IntCounter::new("overfill_prompt_tokens_total", "Prompt tokens prefilled")?;
         let generated_tokens =
             IntCounter::new("overfill_generated_tokens_total", "Tokens generated")?;
         let prefill_seconds = prometheus::Counter::new(
@@ -71,17 +79,26 @@ impl Metrics {
             "Sequences dropped because the client disconnected",
         )?;
         let request_latency = HistogramVec::new(
-            HistogramOpts::new("overfill_request_latency_seconds", "Request latency, arrival to last byte")
-                .buckets(latency_buckets()),
+            HistogramOpts::new(
+                "overfill_request_latency_seconds",
+                "Request latency, arrival to last byte",
+            )
+            .buckets(latency_buckets()),
             &["endpoint"],
         )?;
         let time_to_first_token = Histogram::with_opts(
-            HistogramOpts::new("overfill_time_to_first_token_seconds", "Arrival to first generated token")
-                .buckets(latency_buckets()),
+            HistogramOpts::new(
+                "overfill_time_to_first_token_seconds",
+                "Arrival to first generated token",
+            )
+            .buckets(latency_buckets()),
         )?;
         let decode_step_seconds = Histogram::with_opts(
-            HistogramOpts::new("overfill_decode_step_seconds", "Wall time of one batched decode step")
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            HistogramOpts::new(
+                "overfill_decode_step_seconds",
+                "Wall time of one batched decode step",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
         )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("overfill_decode_batch_size", "Rows per decode step")
