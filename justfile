@@ -61,6 +61,10 @@ bench-preprocess: build
 bench-calibrate: build
     bash scripts/bench-calibrate.sh
 
+# Training throughput (target tokens/s incl. the full model's prefill) and peak memory vs a transformers loop (ratio).
+bench-train *flags: build
+    bash scripts/bench-train.sh {{flags}}
+
 # overfill serve: tokens/s and p50/p99 latency at 1, 8 and 32 clients, continuous batching vs one request at a time (speed-up).
 bench-serve *flags: build
     bash scripts/bench-serve.sh {{flags}}
