@@ -12,6 +12,7 @@
 //!   created are ever deleted or replaced (shared with calibrate-prune and training).
 //! - [`reader`]: random access, length-grouped batches, rank sharding, calibration samples.
 //! - [`synth`]: synthetic datasets and a tiny byte-level tokenizer for tests and the demo.
+//! - [`synth_tasks`]: the demo's tasks (answers depend on the prompt), held-out prompts, a trained BPE tokenizer.
 //! - [`recipe`]: the data part of `configs/*.toml`.
 pub mod conversation;
 pub mod filter;
@@ -25,5 +26,6 @@ pub mod recipe;
 pub mod shard;
 pub mod source;
 pub mod synth;
+pub mod synth_tasks;
 pub mod template;
 pub mod tokenize;

@@ -173,11 +173,37 @@ fn bad_json_row(kind: usize) -> Vec<u8> {
 /// Write `options.rows` rows to `path`. Returns the number of malformed rows written.
 /// JSON formats stream row by row, so very large files take little memory.
 pub fn write_dataset(path: &Path, format: SynthFormat, options: &SynthOptions) -> Result<usize> {
+    let is_bad = |i: usize| options.bad_every > 0 && i % options.bad_every == options.bad_every - 1;
+    write_rows_with(path, format, options.rows, |i| {
+        let row = synth_row(options.seed, i as u64, options);
+        if is_bad(i) {
+            RowOrBad::Bad(row.language)
+        } else {
+            RowOrBad::Row(row)
+        }
+    })
+}
+
+/// Write the given conversations to `path` in `format` (none malformed): the demo's task data
+/// goes through the same writers as the random rows.
+pub fn write_rows(path: &Path, format: SynthFormat, rows: &[SynthRow]) -> Result<()> {
+    write_rows_with(path, format, rows.len(), |i| RowOrBad::Row(rows[i].clone()))?;
+    Ok(())
+}
+
+/// One row to write, or a deliberately malformed one (its language still fills the column).
+enum RowOrBad {
+    Row(SynthRow),
+    Bad(String),
+}
+
+/// Rows `0..rows` from `row_at` to `path`. Returns the number of malformed rows written.
+fn write_rows_with(path: &Path, format: SynthFormat, rows: usize, row_at: impl Fn(usize) -> RowOrBad) -> Result<usize> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).ok();
     }
     match format {
-        SynthFormat::Infinity | SynthFormat::MessagesParquet => write_parquet(path, format, options),
+        SynthFormat::Infinity | SynthFormat::MessagesParquet => write_parquet(path, format, rows, &row_at),
         _ => {
             let array = matches!(format, SynthFormat::OpenHermes | SynthFormat::Messages);
             let role_content = matches!(format, SynthFormat::Messages | SynthFormat::MessagesJsonl);
@@ -187,16 +213,16 @@ pub fn write_dataset(path: &Path, format: SynthFormat, options: &SynthOptions) -
             if array {
                 out.write_all(b"[\n")?;
             }
-            for i in 0..options.rows {
+            for i in 0..rows {
                 if array && i > 0 {
                     out.write_all(b",\n")?;
                 }
-                if options.bad_every > 0 && i % options.bad_every == options.bad_every - 1 {
-                    out.write_all(&bad_json_row(bad))?;
-                    bad += 1;
-                } else {
-                    let row = synth_row(options.seed, i as u64, options);
-                    serde_json::to_writer(&mut out, &json_row(&row, i as u64, role_content))?;
+                match row_at(i) {
+                    RowOrBad::Bad(_) => {
+                        out.write_all(&bad_json_row(bad))?;
+                        bad += 1;
+                    }
+                    RowOrBad::Row(row) => serde_json::to_writer(&mut out, &json_row(&row, i as u64, role_content))?,
                 }
                 if !array {
                     out.write_all(b"\n")?;
@@ -211,7 +237,7 @@ pub fn write_dataset(path: &Path, format: SynthFormat, options: &SynthOptions) -
     }
 }
 
-fn write_parquet(path: &Path, format: SynthFormat, options: &SynthOptions) -> Result<usize> {
+fn write_parquet(path: &Path, format: SynthFormat, rows: usize, row_at: &dyn Fn(usize) -> RowOrBad) -> Result<usize> {
     let (list_name, role_name, content_name, lang_name) = match format {
         SynthFormat::Infinity => ("conversations", "from", "value", "langdetect"),
         _ => ("messages", "role", "content", "language"),
@@ -228,23 +254,26 @@ fn write_parquet(path: &Path, format: SynthFormat, options: &SynthOptions) -> Re
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut writer = ArrowWriter::try_new(file, schema.clone(), None)?;
     let mut bad = 0;
-    for start in (0..options.rows).step_by(1000) {
-        let end = (start + 1000).min(options.rows);
+    for start in (0..rows).step_by(1000) {
+        let end = (start + 1000).min(rows);
         let (mut roles, mut contents, mut offsets, mut valid, mut langs) = (Vec::new(), Vec::new(), vec![0i32], Vec::new(), Vec::new());
         for i in start..end {
-            let row = synth_row(options.seed, i as u64, options);
-            let is_bad = options.bad_every > 0 && i % options.bad_every == options.bad_every - 1;
-            if !is_bad {
-                for (r, c) in &row.turns {
-                    roles.push(if format == SynthFormat::Infinity { openhermes_role(*r) } else { r.as_str() });
-                    contents.push(c.clone());
+            match row_at(i) {
+                RowOrBad::Row(row) => {
+                    for (r, c) in &row.turns {
+                        roles.push(if format == SynthFormat::Infinity { openhermes_role(*r) } else { r.as_str() });
+                        contents.push(c.clone());
+                    }
+                    valid.push(true);
+                    langs.push(row.language);
                 }
-            } else {
-                bad += 1;
+                RowOrBad::Bad(language) => {
+                    bad += 1;
+                    valid.push(false);
+                    langs.push(language);
+                }
             }
-            valid.push(!is_bad);
             offsets.push(roles.len() as i32);
-            langs.push(row.language);
         }
         let turns = StructArray::new(
             turn_fields.clone(),
@@ -364,12 +393,24 @@ pub fn write_tiny_tokenizer(dir: &Path) -> Result<usize> {
             "vocab": vocab, "merges": merges,
         }
     });
-    let decoder: serde_json::Map<String, serde_json::Value> = TINY_SPECIAL_TOKENS
+    let specials: Vec<(usize, &str)> = TINY_SPECIAL_TOKENS.iter().enumerate().map(|(i, t)| (first_special + i, *t)).collect();
+    let config = llama3_tokenizer_config(&specials);
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer)?)?;
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
+    let vocab_size = first_special + TINY_SPECIAL_TOKENS.len();
+    Ok(vocab_size)
+}
+
+
+/// `tokenizer_config.json` of a tokenizer with the Llama-3 special tokens `(id, token)`: BOS
+/// `<|begin_of_text|>`, EOS `<|eot_id|>`, pad `<|finetune_right_pad_id|>`, and the paper's
+/// Llama-3 template as `chat_template`.
+pub fn llama3_tokenizer_config(specials: &[(usize, &str)]) -> serde_json::Value {
+    let decoder: serde_json::Map<String, serde_json::Value> = specials
         .iter()
-        .enumerate()
-        .map(|(i, t)| ((first_special + i).to_string(), json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true})))
+        .map(|(id, t)| (id.to_string(), json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true})))
         .collect();
-    let config = json!({
+    json!({
         "added_tokens_decoder": decoder,
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|eot_id|>",
@@ -379,10 +420,5 @@ pub fn write_tiny_tokenizer(dir: &Path) -> Result<usize> {
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": 4096,
         "tokenizer_class": "PreTrainedTokenizerFast",
-    });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer)?)?;
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-    let vocab_size = first_special + TINY_SPECIAL_TOKENS.len();
-    Ok(vocab_size)
+    })
 }
-
