@@ -942,3 +942,95 @@ fn bad_requests_disconnects_and_sigterm() {
         "still accepting after SIGTERM"
     );
 }
+
+/// The Llama 3.2 tokenizer (byte-level BPE over 128k tokens, multi-byte characters split across
+/// tokens): the text streamed a few ids at a time, and the whole answer, equal what `generate`
+/// decodes from all ids at once.
+#[test]
+fn llama_tokenizer_text_equals_generate() {
+    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
+    if !tokenizer.join("tokenizer.json").is_file() {
+        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
+            "bos_token_id":128000,"eos_token_id":[128001,128009]}"#,
+    )
+    .unwrap();
+    let model = tmp.path().join("model").display().to_string();
+    overfill_ok(&[
+        "init-model",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        &model,
+        "--seed",
+        "3",
+        "--std",
+        "0.5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ]);
+    let server = Server::start(&model, None, &[]);
+    for prompt in ["Grüße aus Köln — 日本語 🙂", "Hello"] {
+        for chat in [false, true] {
+            let mut flags = vec!["--prompt", prompt, "--max-new-tokens", "24"];
+            if !chat {
+                flags.push("--raw");
+            }
+            let expected = generate_json(&model, None, &flags);
+            let (path, mut request) = if chat {
+                (
+                    "/v1/chat/completions",
+                    json!({"messages": [{"role": "user", "content": prompt}]}),
+                )
+            } else {
+                ("/v1/completions", json!({"prompt": prompt}))
+            };
+            request["max_tokens"] = json!(24);
+            request["temperature"] = json!(0);
+            let (status, answer) = server.post(path, &request);
+            assert_eq!(status, 200, "{answer}");
+            let choice = &answer["choices"][0];
+            let text = if chat {
+                &choice["message"]["content"]
+            } else {
+                &choice["text"]
+            };
+            assert_eq!(text, &expected["text"], "{prompt:?} chat={chat}");
+            request["stream"] = json!(true);
+            let (status, body) = http(
+                &server.address,
+                "POST",
+                path,
+                request.to_string().as_bytes(),
+            );
+            assert_eq!(status, 200);
+            let data = sse_data(&body);
+            let streamed: String = data[..data.len() - 1]
+                .iter()
+                .map(|d| {
+                    let chunk: Value = serde_json::from_str(d).unwrap();
+                    let choice = &chunk["choices"][0];
+                    let piece = if chat {
+                        &choice["delta"]["content"]
+                    } else {
+                        &choice["text"]
+                    };
+                    piece.as_str().unwrap_or("").to_string()
+                })
+                .collect();
+            assert_eq!(
+                streamed,
+                expected["text"].as_str().unwrap(),
+                "{prompt:?} chat={chat} streamed"
+            );
+        }
+    }
+}

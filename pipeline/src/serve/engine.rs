@@ -27,7 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::batch_cache::{concat_rows, select_rows};
 use super::metrics::Metrics;
-use super::text::{find_stop, streamable_len, TextCodec};
+use super::text::{find_stop, streamable_len, IncrementalText, TextCodec};
 
 /// How one sequence is generated.
 #[derive(Debug, Clone)]
@@ -226,8 +226,9 @@ struct Row {
     sequence: Sequence,
     sampler: Sampler,
     generated: Vec<i64>,
-    /// Text already sent to the client.
-    sent: String,
+    text: IncrementalText,
+    /// Bytes of `text` already sent to the client.
+    sent: usize,
     /// Rope position of the latest generated token (fed at the next decode step).
     position: i64,
     finished: bool,
@@ -309,7 +310,8 @@ impl Engine {
                 sampler: Sampler::new(sequence.params.sampling.clone()),
                 position: sequence.prompt_ids.len() as i64,
                 generated: Vec::new(),
-                sent: String::new(),
+                text: IncrementalText::default(),
+                sent: 0,
                 finished: false,
                 sequence,
             })
@@ -496,30 +498,33 @@ impl Engine {
         }
         let params = &row.sequence.params;
         let hit_stop_id = params.stop_ids.contains(&id);
-        let text_ids = if hit_stop_id {
-            &row.generated[..row.generated.len() - 1]
+        let out_of_tokens = row.generated.len() >= params.max_tokens;
+        if hit_stop_id {
+            // The stop id's own text is not part of the answer.
+            let ids = &row.generated[..row.generated.len() - 1];
+            row.text.update(&self.codec, ids, true);
         } else {
-            &row.generated[..]
-        };
-        let text = self.codec.decode(text_ids);
-        let (visible, finish) = if let Some(at) = find_stop(&text, &params.stop_strings) {
-            (&text[..at], Some(FinishReason::Stop))
+            row.text.update(&self.codec, &row.generated, out_of_tokens);
+        }
+        // No stop string starts in what was sent (a possible start is held back), so only the
+        // rest is searched.
+        let unsent = &row.text.text[row.sent..];
+        let (visible, finish) = if let Some(at) = find_stop(unsent, &params.stop_strings) {
+            (at, Some(FinishReason::Stop))
         } else if hit_stop_id {
-            (&text[..], Some(FinishReason::Stop))
-        } else if row.generated.len() >= params.max_tokens {
-            (&text[..], Some(FinishReason::Length))
+            (unsent.len(), Some(FinishReason::Stop))
+        } else if out_of_tokens {
+            (unsent.len(), Some(FinishReason::Length))
         } else {
-            (&text[..streamable_len(&text, &params.stop_strings)], None)
+            (streamable_len(unsent, &params.stop_strings), None)
         };
         let events = &row.sequence.events;
-        // Decoding more ids normally only extends the text; if a tokenizer rewrote what was
-        // already sent, the rest cannot be sent as a delta and is skipped.
-        if visible.len() > row.sent.len() && visible.starts_with(row.sent.as_str()) {
+        if visible > 0 {
             let _ = events.send(Event::Text {
                 index: row.sequence.index,
-                delta: visible[row.sent.len()..].to_string(),
+                delta: unsent[..visible].to_string(),
             });
-            row.sent = visible.to_string();
+            row.sent += visible;
         }
         if let Some(finish_reason) = finish {
             row.finished = true;

@@ -104,6 +104,38 @@ impl TextCodec {
     }
 }
 
+/// The text of a growing list of generated ids, decoded a few ids at a time as vLLM and
+/// transformers' TextStreamer do: the ids from `prefix_start` on are decoded, and the text of
+/// those before `read_start` (already in `text`) is cut off the front; the rest is new once it
+/// does not end in an incomplete character. Decoding all ids at every step would cost O(n²).
+/// Decoding the window from `prefix_start` (not just the new ids) keeps what a tokenizer does
+/// at the start of a text (SentencePiece's leading space) out of the middle of it.
+#[derive(Debug, Default)]
+pub struct IncrementalText {
+    /// Append-only.
+    pub text: String,
+    prefix_start: usize,
+    read_start: usize,
+}
+
+impl IncrementalText {
+    /// Takes in the text `ids` (all generated so far) add; `flush` also takes an incomplete
+    /// character at the end (the generation is over).
+    pub fn update(&mut self, codec: &TextCodec, ids: &[i64], flush: bool) {
+        if ids.len() <= self.read_start {
+            return;
+        }
+        let prefix = codec.decode(&ids[self.prefix_start..self.read_start]);
+        let window = codec.decode(&ids[self.prefix_start..]);
+        let complete = flush || !window.ends_with('\u{fffd}');
+        if window.len() > prefix.len() && window.starts_with(prefix.as_str()) && complete {
+            self.text.push_str(&window[prefix.len()..]);
+            self.prefix_start = self.read_start;
+            self.read_start = ids.len();
+        }
+    }
+}
+
 /// Where a generation's text ends: the byte offset of the earliest stop string in `text`.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
