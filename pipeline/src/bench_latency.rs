@@ -30,7 +30,7 @@ use tch::{Device, Kind, Tensor};
 #[command(args_override_self = true)]
 pub struct Args {
     /// Full model from a config.json, with random weights.
-    #[arg(long, value_name = "FILE", required_unless_present = "model", conflicts_with = "model")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["model", "replot"], conflicts_with = "model")]
     pub model_config: Option<PathBuf>,
     /// Full model from a checkpoint directory (or a hub id in the local HF cache).
     #[arg(long, value_name = "DIR")]
@@ -89,6 +89,10 @@ pub struct Args {
     /// Output folder: latency.csv, summary.json and the PNG figures.
     #[arg(long, default_value = "work/bench-latency")]
     pub out: PathBuf,
+    /// Redraw the figures of an earlier run from DIR/latency.csv and DIR/summary.json (measures
+    /// nothing; writes the PNGs into DIR).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "model_config"])]
+    pub replot: Option<PathBuf>,
 }
 
 /// One of the three systems compared.
@@ -283,6 +287,9 @@ fn time_runs(
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(dir) = &args.replot {
+        return replot(dir);
+    }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(if device.is_cuda() { "bf16" } else { "f32" }))?;
     if let Some(threads) = args.threads {
@@ -383,12 +390,51 @@ pub fn run(args: Args) -> Result<()> {
     progress.finish_and_clear();
 
     write_csv(&args.out.join("latency.csv"), &rows)?;
-    plots::draw_all(&args.out, &rows, &describe(&full, &pruned, device, dtype))?;
-    let summary = summarize(&args, &rows, bandwidth, full_bytes, pruned_bytes, device, dtype);
+    let models = describe(&full, &pruned, device, dtype);
+    plots::draw_all(&args.out, &rows, &models)?;
+    let mut summary = summarize(&args, &rows, bandwidth, full_bytes, pruned_bytes, device, dtype);
+    summary["models"] = json!(models);
     std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.join("summary.json").display()))?;
     print_table(&rows, bandwidth);
     eprintln!("wrote {}/latency.csv, summary.json and the figures", args.out.display());
+    Ok(())
+}
+
+/// Redraws the figures from an earlier run's latency.csv (and the models line of summary.json).
+fn replot(dir: &Path) -> Result<()> {
+    let csv = dir.join("latency.csv");
+    let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let summary: serde_json::Value = std::fs::read_to_string(dir.join("summary.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let models = summary["models"].as_str().unwrap_or("").to_string();
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let bad = || anyhow::anyhow!("{} line {}: not a latency.csv row", csv.display(), i + 1);
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 13 {
+            return Err(bad());
+        }
+        let name = |s: &str, names: &[&'static str]| names.iter().copied().find(|n| *n == s).ok_or_else(bad);
+        let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
+        let int = |k: usize| f[k].parse::<usize>().map_err(|_| bad());
+        rows.push(Row {
+            sweep: name(f[0], &["gen", "prompt", "batch"])?,
+            system: name(f[1], &["full", "pruned", "overfill"])?,
+            batch: int(2)?,
+            prompt_len: int(3)?,
+            gen_len: int(4)?,
+            prefill: Stats { mean: num(5)?, std: num(6)? },
+            decode: Stats { mean: num(7)?, std: num(8)? },
+            total: Stats { mean: num(9)?, std: num(10)? },
+            decode_tokens_per_second: num(11)?,
+            ceiling_tokens_per_second: num(12)?,
+        });
+    }
+    plots::draw_all(dir, &rows, &models)?;
+    eprintln!("redrew the figures in {}", dir.display());
     Ok(())
 }
 

@@ -74,7 +74,8 @@ fn lines(path: &Path, rows: &[Row], x: impl Fn(&Row) -> usize, title: &str, x_de
         .map_err(plot_err)?;
     let x_max = rows.iter().map(&x).max().unwrap_or(1) as f64;
     let x_min = rows.iter().map(&x).min().unwrap_or(0) as f64;
-    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.1;
+    // Headroom above the data for the legend.
+    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.3;
     let pad = (x_max - x_min).max(1.0) * 0.04;
     let mut chart = ChartBuilder::on(&body)
         .caption(title, ("sans-serif", 24))
@@ -86,7 +87,14 @@ fn lines(path: &Path, rows: &[Row], x: impl Fn(&Row) -> usize, title: &str, x_de
     chart
         .configure_mesh()
         .x_desc(x_desc)
-        .x_label_formatter(&|x: &f64| format!("{x:.0}"))
+        // Ticks fall between the measured integers too: label whole numbers only.
+        .x_label_formatter(&|x: &f64| {
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
         .y_desc("end-to-end latency (s)")
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 15))
@@ -142,7 +150,8 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     let (top, body) = root.split_vertically(30);
     top.draw_text(subtitle, &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)), (70, 10))
         .map_err(plot_err)?;
-    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.15;
+    // Headroom above the bars for the legend (two columns of three).
+    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.5;
     let n = lengths.len() as f64;
     let labels = lengths.clone();
     let mut chart = ChartBuilder::on(&body)
