@@ -148,15 +148,30 @@ pub struct Models {
     pub decode: Option<Transformer>,
 }
 
+/// Marks the engine stopped however its thread ends (a panic included) and wakes whoever
+/// waits for that (the server, which then shuts down instead of answering 503 forever).
+struct StoppedOnDrop {
+    alive: Arc<AtomicBool>,
+    stopped: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.stopped.notify_one();
+    }
+}
+
 /// Starts the engine thread: `load` runs on it (the models never leave it). Returns once the
 /// models are loaded, with the handle and the thread (it ends when every handle is dropped
-/// and the last sequence has finished).
+/// and the last sequence has finished). `stopped` is notified when the thread ends.
 pub fn spawn(
     load: impl FnOnce() -> Result<Models> + Send + 'static,
     codec: Arc<TextCodec>,
     max_batch_size: usize,
     max_queue: usize,
     metrics: Arc<Metrics>,
+    stopped: Arc<tokio::sync::Notify>,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (sender, receiver) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -168,13 +183,16 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("overfill-engine".into())
         .spawn(move || {
+            let _stopped = StoppedOnDrop {
+                alive: engine_alive,
+                stopped,
+            };
             let models = match load() {
                 Ok(models) => {
                     let _ = ready_tx.send(Ok(()));
                     models
                 }
                 Err(e) => {
-                    engine_alive.store(false, Ordering::SeqCst);
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
@@ -198,7 +216,6 @@ pub fn spawn(
                 cache: None,
             };
             engine.run();
-            engine_alive.store(false, Ordering::SeqCst);
         })
         .context("starting the engine thread")?;
     match ready_rx.recv() {

@@ -136,12 +136,14 @@ pub fn run(args: Args) -> Result<()> {
         };
         Ok(Models { prefill, decode })
     };
+    let engine_stopped = Arc::new(tokio::sync::Notify::new());
     let (engine, engine_thread) = engine::spawn(
         load,
         codec.clone(),
         args.max_batch_size,
         args.max_queue,
         metrics.clone(),
+        engine_stopped.clone(),
     )?;
     let state = Arc::new(AppState {
         engine,
@@ -182,7 +184,7 @@ pub fn run(args: Args) -> Result<()> {
             args.max_queue,
         );
         axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(engine_stopped))
             .await
             .context("serving HTTP")?;
         Ok(())
@@ -197,8 +199,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C (SIGINT), or when the engine thread has died (the exit status
+/// then says so).
+async fn shutdown_signal(engine_stopped: Arc<tokio::sync::Notify>) {
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -216,6 +219,10 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => {}
         _ = terminate => {}
+        _ = engine_stopped.notified() => {
+            eprintln!("overfill serve: the engine thread stopped; shutting down");
+            return;
+        }
     }
     eprintln!("overfill serve: shutting down (finishing requests in flight)");
 }
