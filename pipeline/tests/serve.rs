@@ -841,6 +841,14 @@ fn bad_requests_disconnects_and_sigterm() {
     let (status, answer) = server.post(c, &json!({"prompt": "y".repeat(5000)}));
     assert_error(status, &answer, 400, None, "body too big");
     assert_eq!(answer["error"]["code"], "request_too_large");
+    let (status, answer) = server.post(c, &json!({"prompt": vec!["a"; 257], "max_tokens": 1}));
+    assert_error(
+        status,
+        &answer,
+        400,
+        Some("prompt"),
+        "more prompts than the queue holds",
+    );
     let (status, text) = http(&server.address, "GET", "/v1/nothing", b"");
     assert_error(
         status,
@@ -863,7 +871,7 @@ fn bad_requests_disconnects_and_sigterm() {
     );
     assert_eq!(
         server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""),
-        16.0
+        17.0
     );
 
     // A streaming client that goes away after its first chunk frees its row.

@@ -136,6 +136,11 @@ impl EngineHandle {
         self.alive.load(Ordering::SeqCst)
     }
 
+    /// Sequences the queue holds at most (--max-queue).
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
     }

@@ -404,6 +404,17 @@ async fn run(
     endpoint: Endpoint,
     arrived: Instant,
 ) -> Result<(Response, bool), ApiError> {
+    if job.prompts.len() > state.engine.max_queue() {
+        // Would be refused with 429 however long the client waited.
+        return Err(ApiError::invalid(
+            format!(
+                "the request has {} prompts; the server queues at most {} (--max-queue)",
+                job.prompts.len(),
+                state.engine.max_queue()
+            ),
+            Some("prompt"),
+        ));
+    }
     let (sender, mut events) = mpsc::unbounded_channel();
     let sequences: Vec<Sequence> = job
         .prompts
