@@ -9,6 +9,7 @@ mod calibrate_prune;
 mod config_cmd;
 mod dist;
 mod eval_loss;
+mod eval_tasks;
 mod generate;
 mod init_model;
 mod inspect;
@@ -51,6 +52,8 @@ enum Command {
     Train(train::Args),
     /// Mean cross-entropy over predicted target tokens of a decoder on a split.
     EvalLoss(eval_loss::Args),
+    /// Exact-match accuracy per task on held-out prompts with answers, and decode tokens/s.
+    EvalTasks(eval_tasks::Args),
     /// Run an overfill command (e.g. `train`) as N data-parallel ranks on this node, torchrun-style.
     Launch(launch::Args),
     /// Benchmark helper: all-reduce throughput of the c10d shim (run under `overfill launch`).
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
         Command::EvalLoss(args) => eval_loss::run(args),
+        Command::EvalTasks(args) => eval_tasks::run(args),
         Command::Launch(args) => launch::run(args),
         Command::DebugAllreduce(args) => dist::bench::run(args),
         Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
