@@ -898,6 +898,32 @@ fn bad_requests_disconnects_and_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(server.metric("overfill_generated_tokens_total") < 1500.0);
+    // So does a client that gives up waiting for a whole (non-streamed) answer.
+    let request =
+        json!({"prompt": "go on", "max_tokens": 1500, "ignore_eos": true, "temperature": 0})
+            .to_string();
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("overfill_running_sequences") < 1.0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stream);
+    while server.metric("overfill_cancelled_sequences_total") < 2.0
+        || server.metric("overfill_running_sequences") > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request still holds its row"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // SIGTERM while a stream is in flight: it finishes, then the process exits 0.
     let address = server.address.clone();
