@@ -126,7 +126,14 @@ pub fn greedy(
     prompts: &[Vec<i64>],
     options: &GenerateOptions,
 ) -> Result<GenerationOutput> {
-    generate(model, model, prompts, options, &DecodeOptions::default(), None)
+    generate(
+        model,
+        model,
+        prompts,
+        options,
+        &DecodeOptions::default(),
+        None,
+    )
 }
 
 /// Greedy OverFill generation: `prefill_model` runs the prompts, fills the cache and chooses the

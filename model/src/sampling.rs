@@ -126,7 +126,9 @@ impl Sampler {
         let probs = scores.softmax(-1, Kind::Float);
         // One uniform per row: u * total mass is the point of the CDF to look up.
         let uniforms: Vec<f32> = (0..rows).map(|_| self.rng.next_f64() as f32).collect();
-        let uniforms = Tensor::from_slice(&uniforms).view([rows, 1]).to_device(device);
+        let uniforms = Tensor::from_slice(&uniforms)
+            .view([rows, 1])
+            .to_device(device);
         if top_p < 1.0 {
             let (sorted, order) = probs.sort(-1, true);
             let cumulative = sorted.cumsum(-1, Kind::Float);
@@ -213,6 +215,9 @@ mod tests {
         assert!(Sampling::new(-1.0, None, 1.0, 0).is_err());
         assert!(Sampling::new(1.0, Some(0), 1.0, 0).is_err());
         assert!(Sampling::new(1.0, None, 0.0, 0).is_err());
-        assert_eq!(Sampling::new(0.0, Some(5), 0.9, 0).unwrap(), Sampling::Greedy);
+        assert_eq!(
+            Sampling::new(0.0, Some(5), 0.9, 0).unwrap(),
+            Sampling::Greedy
+        );
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::*;
-use overfill_model::generate::{generate, greedy, greedy_two_stage, DecodeOptions, GenerateOptions};
+use overfill_model::generate::{
+    generate, greedy, greedy_two_stage, DecodeOptions, GenerateOptions,
+};
 use overfill_model::sampling::Sampling;
 use overfill_model::transformer::Transformer;
 use tch::{Device, Kind, Tensor};
@@ -88,7 +90,11 @@ fn refresh_matches_transformers_and_is_greedy_when_the_decoder_is_the_full_model
             refresh_every: Some(k),
         };
         let out = generate(&full, &decoder, &prompts, &options(n), &refresh(3), None).unwrap();
-        assert_eq!(out.token_ids, rows(&refs["refresh3.batch.tokens"]), "{case}");
+        assert_eq!(
+            out.token_ids,
+            rows(&refs["refresh3.batch.tokens"]),
+            "{case}"
+        );
         // 10 tokens: 1 from prefill, then (3 decoder steps + 1 refresh) twice, 1 decoder step.
         assert_eq!((out.decode_steps, out.refreshes), (7, 2), "{case}");
         assert!(out.refresh_seconds > 0.0 && out.refresh_seconds <= out.decode_seconds);
@@ -96,7 +102,10 @@ fn refresh_matches_transformers_and_is_greedy_when_the_decoder_is_the_full_model
         let plain = greedy(&full, &prompts, &options(n)).unwrap();
         for k in [1, 2, 5] {
             let out = generate(&full, &full, &prompts, &options(n), &refresh(k), None).unwrap();
-            assert_eq!(out.token_ids, plain.token_ids, "{case}: full model, refresh every {k}");
+            assert_eq!(
+                out.token_ids, plain.token_ids,
+                "{case}: full model, refresh every {k}"
+            );
             assert!(out.refreshes > 0);
         }
     }
@@ -123,9 +132,16 @@ fn seeded_sampling_reproduces_and_top_k_one_is_greedy() {
     assert_eq!(a, sample(1.0, None, 0.9, 5));
     assert_ne!(a, sample(1.0, None, 0.9, 6), "another seed");
     let greedy = greedy_two_stage(&full, &decoder, &prompts, &options(16)).unwrap();
-    assert_ne!(a, greedy.token_ids, "sampling at temperature 1 is not greedy");
+    assert_ne!(
+        a, greedy.token_ids,
+        "sampling at temperature 1 is not greedy"
+    );
     assert_eq!(sample(1.3, Some(1), 1.0, 9), greedy.token_ids, "top-k 1");
-    assert_eq!(sample(0.0, Some(40), 0.5, 9), greedy.token_ids, "temperature 0");
+    assert_eq!(
+        sample(0.0, Some(40), 0.5, 9),
+        greedy.token_ids,
+        "temperature 0"
+    );
 }
 
 #[test]
@@ -156,10 +172,17 @@ fn bad_input_is_a_clear_error() {
 
     let shallow = load(case, "shallow");
     let e = err(greedy_two_stage(&full, &shallow, &prompt, &options(4)));
-    assert!(e.contains("num_hidden_layers: full model 2, decoder 1"), "{e}");
+    assert!(
+        e.contains("num_hidden_layers: full model 2, decoder 1"),
+        "{e}"
+    );
 
-    let bf16 = Transformer::load(&ref_dir().join(case).join("decoder"), Device::Cpu, Kind::BFloat16)
-        .unwrap();
+    let bf16 = Transformer::load(
+        &ref_dir().join(case).join("decoder"),
+        Device::Cpu,
+        Kind::BFloat16,
+    )
+    .unwrap();
     let e = err(greedy_two_stage(&full, &bf16, &prompt, &options(4)));
     assert!(e.contains("dtype") && e.contains("BFloat16"), "{e}");
 
@@ -168,12 +191,24 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("prompt 0 is empty"), "{e}");
     let e = err(greedy_two_stage(&full, &decoder, &[], &options(4)));
     assert!(e.contains("no prompts"), "{e}");
-    let e = err(greedy_two_stage(&full, &decoder, &[vec![5, 97]], &options(4)));
+    let e = err(greedy_two_stage(
+        &full,
+        &decoder,
+        &[vec![5, 97]],
+        &options(4),
+    ));
     assert!(e.contains("token id out of range [0, 97)"), "{e}");
     let never = DecodeOptions {
         sampling: Sampling::Greedy,
         refresh_every: Some(0),
     };
-    let e = err(generate(&full, &decoder, &prompt, &options(4), &never, None));
+    let e = err(generate(
+        &full,
+        &decoder,
+        &prompt,
+        &options(4),
+        &never,
+        None,
+    ));
     assert!(e.contains("refresh_every must be at least 1"), "{e}");
 }

@@ -189,13 +189,18 @@ fn load_models(args: &Args, device: Device, dtype: Kind) -> Result<(Transformer,
             Transformer::load(&dir, device, dtype)
                 .with_context(|| format!("loading model {}", dir.display()))?
         }
-        (None, Some(path)) => random_model(ModelConfig::from_file(path)?, args.seed, device, dtype)?,
+        (None, Some(path)) => {
+            random_model(ModelConfig::from_file(path)?, args.seed, device, dtype)?
+        }
         (None, None) => bail!("give --model-config FILE or --model DIR"),
     };
     let pruned = if let Some(dir) = &args.decoder {
         let dir = resolve_model_dir(dir)?;
-        check_compatible(&full.config, &overfill_model::checkpoint::load_config(&dir)?)
-            .with_context(|| format!("--decoder {}", dir.display()))?;
+        check_compatible(
+            &full.config,
+            &overfill_model::checkpoint::load_config(&dir)?,
+        )
+        .with_context(|| format!("--decoder {}", dir.display()))?;
         Transformer::load(&dir, device, dtype)
             .with_context(|| format!("loading decoder {}", dir.display()))?
     } else {
@@ -222,7 +227,12 @@ fn load_models(args: &Args, device: Device, dtype: Kind) -> Result<(Transformer,
 /// Random weights made directly on the device in the compute dtype (timing does not depend on
 /// the values; an 8B model never passes through host memory): matrices ~ N(0, 0.02²), norms 1,
 /// biases 0.
-fn random_model(config: ModelConfig, seed: i64, device: Device, dtype: Kind) -> Result<Transformer> {
+fn random_model(
+    config: ModelConfig,
+    seed: i64,
+    device: Device,
+    dtype: Kind,
+) -> Result<Transformer> {
     tch::manual_seed(seed);
     let _guard = tch::no_grad_guard();
     let mut tensors = std::collections::BTreeMap::new();
@@ -244,7 +254,12 @@ fn random_model(config: ModelConfig, seed: i64, device: Device, dtype: Kind) -> 
 /// `batch` random prompts of `len` tokens (seeded).
 fn random_prompts(batch: usize, len: usize, vocab: usize, seed: i64) -> Vec<Vec<i64>> {
     tch::manual_seed(seed);
-    let ids = Tensor::randint_low(0, vocab as i64, [batch as i64, len as i64], (Kind::Int64, Device::Cpu));
+    let ids = Tensor::randint_low(
+        0,
+        vocab as i64,
+        [batch as i64, len as i64],
+        (Kind::Int64, Device::Cpu),
+    );
     (0..batch as i64)
         .map(|r| Vec::<i64>::try_from(ids.get(r)).unwrap_or_default())
         .collect()
@@ -291,7 +306,11 @@ pub fn run(args: Args) -> Result<()> {
         return replot(dir);
     }
     let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(if device.is_cuda() { "bf16" } else { "f32" }))?;
+    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(if device.is_cuda() {
+        "bf16"
+    } else {
+        "f32"
+    }))?;
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
     }
@@ -320,9 +339,21 @@ pub fn run(args: Args) -> Result<()> {
     let mut points: Vec<(&'static str, usize, usize, usize)> = Vec::new();
     for sweep in &args.sweeps {
         match sweep.as_str() {
-            "gen" => points.extend(args.gen_lengths.iter().map(|&g| ("gen", args.batch, args.prompt_len, g))),
-            "prompt" => points.extend(args.prompt_lengths.iter().map(|&p| ("prompt", args.batch, p, args.gen_len))),
-            _ => points.extend(args.batch_sizes.iter().map(|&b| ("batch", b, args.prompt_len, args.gen_len))),
+            "gen" => points.extend(
+                args.gen_lengths
+                    .iter()
+                    .map(|&g| ("gen", args.batch, args.prompt_len, g)),
+            ),
+            "prompt" => points.extend(
+                args.prompt_lengths
+                    .iter()
+                    .map(|&p| ("prompt", args.batch, p, args.gen_len)),
+            ),
+            _ => points.extend(
+                args.batch_sizes
+                    .iter()
+                    .map(|&b| ("batch", b, args.prompt_len, args.gen_len)),
+            ),
         }
     }
     let (full, pruned) = load_models(&args, device, dtype)?;
@@ -353,25 +384,46 @@ pub fn run(args: Args) -> Result<()> {
         bandwidth / 1e9
     );
     let systems = [
-        System { name: "full", prefill: &full, decode: &full },
-        System { name: "pruned", prefill: &pruned, decode: &pruned },
-        System { name: "overfill", prefill: &full, decode: &pruned },
+        System {
+            name: "full",
+            prefill: &full,
+            decode: &full,
+        },
+        System {
+            name: "pruned",
+            prefill: &pruned,
+            decode: &pruned,
+        },
+        System {
+            name: "overfill",
+            prefill: &full,
+            decode: &pruned,
+        },
     ];
 
     let progress = ProgressBar::new((points.len() * systems.len()) as u64);
     progress.set_style(
-        ProgressStyle::with_template("bench-latency {bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "bench-latency {bar:30} {pos}/{len} {msg} [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut rows = Vec::new();
     for &(sweep, batch, prompt_len, gen_len) in &points {
         let prompts = random_prompts(batch, prompt_len, full.config.vocab_size, args.seed);
         for system in &systems {
-            progress.set_message(format!("{sweep}: {} batch {batch} prompt {prompt_len} gen {gen_len}", system.name));
+            progress.set_message(format!(
+                "{sweep}: {} batch {batch} prompt {prompt_len} gen {gen_len}",
+                system.name
+            ));
             let (prefill, decode) = time_runs(system, &prompts, gen_len, args.warmup, args.runs)?;
             let total: Vec<f64> = prefill.iter().zip(&decode).map(|(p, d)| p + d).collect();
             let decode = Stats::of(&decode);
-            let decode_bytes = if std::ptr::eq(system.decode, &full) { full_bytes } else { pruned_bytes };
+            let decode_bytes = if std::ptr::eq(system.decode, &full) {
+                full_bytes
+            } else {
+                pruned_bytes
+            };
             rows.push(Row {
                 sweep,
                 system: system.name,
@@ -392,19 +444,34 @@ pub fn run(args: Args) -> Result<()> {
     write_csv(&args.out.join("latency.csv"), &rows)?;
     let models = describe(&full, &pruned, device, dtype);
     plots::draw_all(&args.out, &rows, &models)?;
-    let mut summary = summarize(&args, &rows, bandwidth, full_bytes, pruned_bytes, device, dtype);
+    let mut summary = summarize(
+        &args,
+        &rows,
+        bandwidth,
+        full_bytes,
+        pruned_bytes,
+        device,
+        dtype,
+    );
     summary["models"] = json!(models);
-    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")
-        .with_context(|| format!("cannot write {}", args.out.join("summary.json").display()))?;
+    std::fs::write(
+        args.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )
+    .with_context(|| format!("cannot write {}", args.out.join("summary.json").display()))?;
     print_table(&rows, bandwidth);
-    eprintln!("wrote {}/latency.csv, summary.json and the figures", args.out.display());
+    eprintln!(
+        "wrote {}/latency.csv, summary.json and the figures",
+        args.out.display()
+    );
     Ok(())
 }
 
 /// Redraws the figures from an earlier run's latency.csv (and the models line of summary.json).
 fn replot(dir: &Path) -> Result<()> {
     let csv = dir.join("latency.csv");
-    let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let text =
+        std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
     let summary: serde_json::Value = std::fs::read_to_string(dir.join("summary.json"))
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
@@ -417,7 +484,9 @@ fn replot(dir: &Path) -> Result<()> {
         if f.len() != 13 {
             return Err(bad());
         }
-        let name = |s: &str, names: &[&'static str]| names.iter().copied().find(|n| *n == s).ok_or_else(bad);
+        let name = |s: &str, names: &[&'static str]| {
+            names.iter().copied().find(|n| *n == s).ok_or_else(bad)
+        };
         let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
         let int = |k: usize| f[k].parse::<usize>().map_err(|_| bad());
         rows.push(Row {
@@ -426,9 +495,18 @@ fn replot(dir: &Path) -> Result<()> {
             batch: int(2)?,
             prompt_len: int(3)?,
             gen_len: int(4)?,
-            prefill: Stats { mean: num(5)?, std: num(6)? },
-            decode: Stats { mean: num(7)?, std: num(8)? },
-            total: Stats { mean: num(9)?, std: num(10)? },
+            prefill: Stats {
+                mean: num(5)?,
+                std: num(6)?,
+            },
+            decode: Stats {
+                mean: num(7)?,
+                std: num(8)?,
+            },
+            total: Stats {
+                mean: num(9)?,
+                std: num(10)?,
+            },
             decode_tokens_per_second: num(11)?,
             ceiling_tokens_per_second: num(12)?,
         });
@@ -480,9 +558,16 @@ fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
 }
 
 /// The three systems at one point, if measured.
-fn at<'a>(rows: &'a [Row], batch: usize, prompt_len: usize, gen_len: usize, system: &str) -> Option<&'a Row> {
-    rows.iter()
-        .find(|r| r.system == system && r.batch == batch && r.prompt_len == prompt_len && r.gen_len == gen_len)
+fn at<'a>(
+    rows: &'a [Row],
+    batch: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    system: &str,
+) -> Option<&'a Row> {
+    rows.iter().find(|r| {
+        r.system == system && r.batch == batch && r.prompt_len == prompt_len && r.gen_len == gen_len
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -525,7 +610,17 @@ fn summarize(
 fn print_table(rows: &[Row], bandwidth: f64) {
     println!(
         "{:<7} {:<9} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10} {:>10} {:>6}",
-        "sweep", "system", "batch", "prompt", "gen", "prefill ms", "decode ms", "total ms", "dec tok/s", "ceil tok/s", "%ceil"
+        "sweep",
+        "system",
+        "batch",
+        "prompt",
+        "gen",
+        "prefill ms",
+        "decode ms",
+        "total ms",
+        "dec tok/s",
+        "ceil tok/s",
+        "%ceil"
     );
     for r in rows {
         let ms = |s: Stats| format!("{:.1}±{:.1}", s.mean * 1e3, s.std * 1e3);
@@ -544,5 +639,8 @@ fn print_table(rows: &[Row], bandwidth: f64) {
             100.0 * r.decode_tokens_per_second / r.ceiling_tokens_per_second
         );
     }
-    println!("ceiling = batch × copy bandwidth ({:.1} GB/s) ÷ weight bytes per decode step", bandwidth / 1e9);
+    println!(
+        "ceiling = batch × copy bandwidth ({:.1} GB/s) ÷ weight bytes per decode step",
+        bandwidth / 1e9
+    );
 }

@@ -181,15 +181,19 @@ impl TextCodec {
             None
         } else {
             let tokenizer_config = model_dir.join("tokenizer_config.json");
-            let tokenizer_config =
-                TokenizerConfig::load(tokenizer_config.is_file().then_some(tokenizer_config.as_path()))?;
+            let tokenizer_config = TokenizerConfig::load(
+                tokenizer_config
+                    .is_file()
+                    .then_some(tokenizer_config.as_path()),
+            )?;
             let template = ChatTemplate::from_spec(
                 &TemplateSpec::parse(&args.template),
                 tokenizer_config.template_tokens(),
                 tokenizer_config.chat_template.as_deref(),
             )?;
-            let split = SplitTokenizer::new(tokenizer.clone(), &template)
-                .with_context(|| format!("chat template {:?} with {}", args.template, path.display()))?;
+            let split = SplitTokenizer::new(tokenizer.clone(), &template).with_context(|| {
+                format!("chat template {:?} with {}", args.template, path.display())
+            })?;
             Some((template, split))
         };
         Ok(TextCodec { tokenizer, chat })
@@ -197,7 +201,9 @@ impl TextCodec {
 
     /// The end-of-turn id of the template (a stop id by default).
     fn end_of_turn_id(&self) -> Option<i64> {
-        self.chat.as_ref().map(|(_, split)| split.end_of_turn_id as i64)
+        self.chat
+            .as_ref()
+            .map(|(_, split)| split.end_of_turn_id as i64)
     }
 
     /// Token ids of a conversation rendered with the generation prompt (no special tokens
@@ -277,9 +283,9 @@ fn check_given_ids(ids: &[i64], vocab: usize, model_dir: &Path, what: &str) -> R
 
 /// A JSON list of {role, content}; role names as preprocess reads them (user/human, ...).
 fn parse_messages(value: &Value, what: &str) -> Result<Vec<Message>> {
-    let list = value
-        .as_array()
-        .ok_or_else(|| anyhow!("{what}: messages must be a JSON list of {{\"role\", \"content\"}}"))?;
+    let list = value.as_array().ok_or_else(|| {
+        anyhow!("{what}: messages must be a JSON list of {{\"role\", \"content\"}}")
+    })?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -306,9 +312,7 @@ fn read_prompts(
     codec: Option<&TextCodec>,
 ) -> Result<Vec<Vec<i64>>> {
     let vocab = config.vocab_size;
-    let need_codec = || {
-        codec.ok_or_else(|| anyhow!("internal: a text prompt without a tokenizer"))
-    };
+    let need_codec = || codec.ok_or_else(|| anyhow!("internal: a text prompt without a tokenizer"));
     if let Some(text) = &args.prompt {
         return Ok(vec![need_codec()?.encode_prompt(
             text,
@@ -475,7 +479,10 @@ pub fn run(args: Args) -> Result<()> {
         args.strict,
     )?;
     if args.logits.is_some() && prompts.len() > 1 {
-        bail!("--logits writes one prompt's logits; --input has {} prompts", prompts.len());
+        bail!(
+            "--logits writes one prompt's logits; --input has {} prompts",
+            prompts.len()
+        );
     }
     let model = Transformer::load(&dir, device, dtype)
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -556,7 +563,11 @@ fn report(
         let (token_ids, text, prompt_ids) = if batch {
             (json!(output.token_ids), json!(texts), json!(prompts))
         } else {
-            (json!(output.token_ids[0]), json!(texts[0]), json!(prompts[0]))
+            (
+                json!(output.token_ids[0]),
+                json!(texts[0]),
+                json!(prompts[0]),
+            )
         };
         let out = json!({
             "token_ids": token_ids,

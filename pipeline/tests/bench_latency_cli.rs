@@ -9,7 +9,10 @@ fn repo_root() -> &'static Path {
 }
 
 fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -18,26 +21,70 @@ fn tiny_sweep_writes_csv_summary_and_figures() {
     let out_dir = tmp.path().join("bench");
     let config = repo_root().join("configs/models/tiny-llama.json");
     let out = overfill(&[
-        "bench-latency", "--model-config", config.to_str().unwrap(), "--hidden-size", "64",
-        "--intermediate-size", "176", "--gen-lengths", "3,5", "--prompt-lengths", "4,6", "--batch-sizes", "1,2",
-        "--prompt-len", "4", "--gen-len", "3", "--batch", "2", "--warmup", "0", "--runs", "2", "--threads", "1",
-        "--out", out_dir.to_str().unwrap(),
+        "bench-latency",
+        "--model-config",
+        config.to_str().unwrap(),
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "176",
+        "--gen-lengths",
+        "3,5",
+        "--prompt-lengths",
+        "4,6",
+        "--batch-sizes",
+        "1,2",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "3",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--runs",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        out_dir.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let csv = std::fs::read_to_string(out_dir.join("latency.csv")).unwrap();
-    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
     // 3 sweeps x 2 points x 3 systems.
     assert_eq!(rows.len(), 18, "{csv}");
     for (i, sweep) in ["gen", "prompt", "batch"].iter().enumerate() {
-        for (j, system) in ["full", "pruned", "overfill"].iter().cycle().take(6).enumerate() {
+        for (j, system) in ["full", "pruned", "overfill"]
+            .iter()
+            .cycle()
+            .take(6)
+            .enumerate()
+        {
             let r = &rows[i * 6 + j];
             assert_eq!((r[0], r[1]), (*sweep, *system), "{csv}");
         }
     }
-    let points: Vec<(&str, &str, &str)> = rows.iter().step_by(3).map(|r| (r[2], r[3], r[4])).collect();
+    let points: Vec<(&str, &str, &str)> =
+        rows.iter().step_by(3).map(|r| (r[2], r[3], r[4])).collect();
     assert_eq!(
         points,
-        vec![("2", "4", "3"), ("2", "4", "5"), ("2", "4", "3"), ("2", "6", "3"), ("1", "4", "3"), ("2", "4", "3")]
+        vec![
+            ("2", "4", "3"),
+            ("2", "4", "5"),
+            ("2", "4", "3"),
+            ("2", "6", "3"),
+            ("1", "4", "3"),
+            ("2", "4", "3")
+        ]
     );
     for r in &rows {
         let v = |k: usize| r[k].parse::<f64>().unwrap();
@@ -45,27 +92,45 @@ fn tiny_sweep_writes_csv_summary_and_figures() {
         assert!((v(9) - v(5) - v(7)).abs() < 1e-5, "{r:?}");
         assert!(v(5) > 0.0 && v(7) > 0.0 && v(6) >= 0.0 && v(8) >= 0.0);
         let (batch, gen) = (v(2), v(4));
-        assert!((v(11) - batch * (gen - 1.0) / v(7)).abs() <= 0.01 * v(11) + 0.01, "{r:?}");
+        assert!(
+            (v(11) - batch * (gen - 1.0) / v(7)).abs() <= 0.01 * v(11) + 0.01,
+            "{r:?}"
+        );
         assert!(v(12) > 0.0);
     }
     // The pruned model's ceiling is the same for pruned and overfill (same decode model).
     assert_eq!(rows[1][12], rows[2][12]);
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
     // tiny-llama (tied, f32): per layer q 128x128, k and v 128x64, o 128x128, MLP 3x128x352,
     // two norms of 128; 4 layers, the 512x128 embedding read once as the LM head, final norm.
     let per_layer = 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 352 + 2 * 128;
     let full_params = 4 * per_layer + 512 * 128 + 128;
-    assert_eq!(summary["decode_weight_bytes"]["full"].as_u64().unwrap(), 4 * full_params as u64);
-    assert!(summary["batch_1"].is_object() && summary["models"].as_str().unwrap().contains("pruned D=64"));
-    let figures = ["fig3_latency_vs_generation_length.png", "fig4_latency_vs_prompt_length.png", "fig5_latency_vs_batch_size.png"];
+    assert_eq!(
+        summary["decode_weight_bytes"]["full"].as_u64().unwrap(),
+        4 * full_params as u64
+    );
+    assert!(
+        summary["batch_1"].is_object()
+            && summary["models"].as_str().unwrap().contains("pruned D=64")
+    );
+    let figures = [
+        "fig3_latency_vs_generation_length.png",
+        "fig4_latency_vs_prompt_length.png",
+        "fig5_latency_vs_batch_size.png",
+    ];
     for f in figures {
         let png = std::fs::read(out_dir.join(f)).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{f}");
         std::fs::remove_file(out_dir.join(f)).unwrap();
     }
     let out = overfill(&["bench-latency", "--replot", out_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in figures {
         assert!(out_dir.join(f).is_file(), "--replot redraws {f}");
     }
@@ -94,9 +159,13 @@ fn bad_settings_fail_before_any_work() {
     assert!(e.contains("--runs must be at least 1"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
     let shallow = tmp.path().join("shallow.json");
-    let mut tiny: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let mut tiny: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
     tiny["num_hidden_layers"] = 28.into();
     std::fs::write(&shallow, tiny.to_string()).unwrap();
     let e = err(&["--decoder-config", shallow.to_str().unwrap()]);
-    assert!(e.contains("num_hidden_layers: full model 4, decoder 28"), "{e}");
+    assert!(
+        e.contains("num_hidden_layers: full model 4, decoder 28"),
+        "{e}"
+    );
 }

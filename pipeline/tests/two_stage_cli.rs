@@ -20,7 +20,12 @@ fn ref_dir() -> &'static Path {
 }
 
 fn case(name: &str, which: &str) -> String {
-    ref_dir().join(name).join(which).to_str().unwrap().to_string()
+    ref_dir()
+        .join(name)
+        .join(which)
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 fn overfill(args: &[&str]) -> Output {
@@ -55,7 +60,11 @@ fn last_json(stdout: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<i64>> {
@@ -74,45 +83,105 @@ fn decoder_flag_matches_transformers_for_one_prompt_and_a_jsonl_batch() {
         let prompt = joined(&to_vec_i64(&refs["single.prompt"]));
         let expected = to_vec_i64(&refs["single.tokens"]);
         let n = expected.len().to_string();
-        let base = ["generate", "--model", &full, "--decoder", &decoder, "--max-new-tokens", &n];
+        let base = [
+            "generate",
+            "--model",
+            &full,
+            "--decoder",
+            &decoder,
+            "--max-new-tokens",
+            &n,
+        ];
         let out = last_json(&overfill_ok(
-            &[&base[..], &["--prompt-ids", &prompt, "--stop-ids", "none", "--json"]].concat(),
+            &[
+                &base[..],
+                &["--prompt-ids", &prompt, "--stop-ids", "none", "--json"],
+            ]
+            .concat(),
         ));
         assert_eq!(ids(&out["token_ids"]), expected, "{name}");
         assert_eq!(out["two_stage"], true);
         assert_eq!(out["decode_steps"], expected.len() as u64 - 1);
-        for key in ["prefill_seconds", "decode_seconds", "decode_tokens_per_second"] {
+        for key in [
+            "prefill_seconds",
+            "decode_seconds",
+            "decode_tokens_per_second",
+        ] {
             assert!(out[key].as_f64().unwrap() > 0.0, "{name}: {key} in {out}");
         }
         // By default rows stop at the model's eos id (2 in these configs), which is kept.
-        let out = last_json(&overfill_ok(&[&base[..], &["--prompt-ids", &prompt, "--json"]].concat()));
-        let cut = expected.iter().position(|&t| t == 2).map_or(expected.len(), |p| p + 1);
-        assert_eq!(ids(&out["token_ids"]), expected[..cut].to_vec(), "{name}: eos stop");
+        let out = last_json(&overfill_ok(
+            &[&base[..], &["--prompt-ids", &prompt, "--json"]].concat(),
+        ));
+        let cut = expected
+            .iter()
+            .position(|&t| t == 2)
+            .map_or(expected.len(), |p| p + 1);
+        assert_eq!(
+            ids(&out["token_ids"]),
+            expected[..cut].to_vec(),
+            "{name}: eos stop"
+        );
 
         // --input: the rows of different lengths generated as one batch; one JSON line per row,
         // then the --json object.
         let jsonl = ref_dir().join(name).join("batch.jsonl");
         let stdout = overfill_ok(
-            &[&base[..], &["--input", jsonl.to_str().unwrap(), "--stop-ids", "none", "--json"]].concat(),
+            &[
+                &base[..],
+                &[
+                    "--input",
+                    jsonl.to_str().unwrap(),
+                    "--stop-ids",
+                    "none",
+                    "--json",
+                ],
+            ]
+            .concat(),
         );
         let expected = rows(&refs["batch.tokens"]);
-        let lines: Vec<Value> = stdout.trim().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = stdout
+            .trim()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), expected.len() + 1);
         for (row, line) in lines[..expected.len()].iter().enumerate() {
             assert_eq!(line["row"], row as u64);
             assert_eq!(ids(&line["token_ids"]), expected[row], "{name}: row {row}");
         }
         let out = &lines[expected.len()];
-        let got: Vec<Vec<i64>> = out["token_ids"].as_array().unwrap().iter().map(ids).collect();
+        let got: Vec<Vec<i64>> = out["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(got, expected, "{name}: batch");
         assert_eq!(out["batch_size"], 3);
 
         // --refresh-every 3: the full model re-runs the decoder's tokens every 3 slots.
         let out = last_json(&overfill_ok(
-            &[&base[..], &["--input", jsonl.to_str().unwrap(), "--stop-ids", "none", "--refresh-every", "3", "--json"]]
-                .concat(),
+            &[
+                &base[..],
+                &[
+                    "--input",
+                    jsonl.to_str().unwrap(),
+                    "--stop-ids",
+                    "none",
+                    "--refresh-every",
+                    "3",
+                    "--json",
+                ],
+            ]
+            .concat(),
         ));
-        let got: Vec<Vec<i64>> = out["token_ids"].as_array().unwrap().iter().map(ids).collect();
+        let got: Vec<Vec<i64>> = out["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(got, rows(&refs["refresh3.batch.tokens"]), "{name}: refresh");
         assert_eq!(out["refreshes"], 2);
         assert!(out["refresh_seconds"].as_f64().unwrap() > 0.0);
@@ -125,34 +194,70 @@ fn seeded_sampling_reproduces_and_top_k_one_is_greedy() {
     let jsonl = ref_dir().join("llama3").join("batch.jsonl");
     let run = |extra: &[&str]| -> Vec<Vec<i64>> {
         let base = [
-            "generate", "--model", &full, "--decoder", &decoder, "--input", jsonl.to_str().unwrap(),
-            "--max-new-tokens", "12", "--stop-ids", "none", "--json",
+            "generate",
+            "--model",
+            &full,
+            "--decoder",
+            &decoder,
+            "--input",
+            jsonl.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--stop-ids",
+            "none",
+            "--json",
         ];
         let out = last_json(&overfill_ok(&[&base[..], extra].concat()));
-        out["token_ids"].as_array().unwrap().iter().map(ids).collect()
+        out["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect()
     };
     let sampled = run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "17"]);
-    assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "17"]));
-    assert_ne!(sampled, run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "18"]));
+    assert_eq!(
+        sampled,
+        run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "17"])
+    );
+    assert_ne!(
+        sampled,
+        run(&["--temperature", "1.0", "--top-p", "0.95", "--seed", "18"])
+    );
     let greedy = run(&[]);
     assert_ne!(sampled, greedy);
-    assert_eq!(run(&["--temperature", "0.8", "--top-k", "1", "--seed", "3"]), greedy);
+    assert_eq!(
+        run(&["--temperature", "0.8", "--top-k", "1", "--seed", "3"]),
+        greedy
+    );
 }
 
 #[test]
 fn bad_input_is_a_clear_error() {
     let (full, decoder) = (case("llama3", "full"), case("llama3", "decoder"));
     let shallow = case("llama3", "shallow");
-    let err = overfill_err(&["generate", "--model", &full, "--decoder", &shallow, "--prompt-ids", "5,6"]);
+    let err = overfill_err(&[
+        "generate",
+        "--model",
+        &full,
+        "--decoder",
+        &shallow,
+        "--prompt-ids",
+        "5,6",
+    ]);
     assert!(
-        err.contains("cannot continue from --model") && err.contains("num_hidden_layers: full model 2, decoder 1"),
+        err.contains("cannot continue from --model")
+            && err.contains("num_hidden_layers: full model 2, decoder 1"),
         "{err}"
     );
     let two = ["generate", "--model", &full, "--decoder", &decoder];
     let err = overfill_err(&[&two[..], &["--prompt-ids", ""]].concat());
     assert!(err.contains("--prompt-ids is empty"), "{err}");
     let err = overfill_err(&[&two[..], &["--prompt-ids", "5,97"]].concat());
-    assert!(err.contains("token id 97") && err.contains("vocabulary"), "{err}");
+    assert!(
+        err.contains("token id 97") && err.contains("vocabulary"),
+        "{err}"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     let jsonl = tmp.path().join("in.jsonl");
@@ -161,25 +266,51 @@ fn bad_input_is_a_clear_error() {
     assert!(err.contains("line 2") && err.contains("is empty"), "{err}");
     std::fs::write(&jsonl, "{\"prompt_ids\": [5, 600]}\n").unwrap();
     let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
-    assert!(err.contains("line 1") && err.contains("token id 600"), "{err}");
+    assert!(
+        err.contains("line 1") && err.contains("token id 600"),
+        "{err}"
+    );
     std::fs::write(&jsonl, "{\"prompt\": \"hi\"}\n").unwrap();
     let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
-    assert!(err.contains("tokenizer.json"), "a text prompt needs a tokenizer: {err}");
+    assert!(
+        err.contains("tokenizer.json"),
+        "a text prompt needs a tokenizer: {err}"
+    );
 
     // Longer than the model's context (max_position_embeddings 64): a warning, or with
     // --strict an error before any work.
     let long = joined(&(0..70).map(|i| 3 + i % 90).collect::<Vec<i64>>());
     let err = overfill_err(&[&two[..], &["--prompt-ids", &long, "--strict"]].concat());
-    assert!(err.contains("more than the model's max_position_embeddings 64"), "{err}");
+    assert!(
+        err.contains("more than the model's max_position_embeddings 64"),
+        "{err}"
+    );
     let out = overfill(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the prompt has 70 tokens"));
 
-    let err = overfill_err(&["generate", "--model", &full, "--prompt-ids", "5", "--refresh-every", "2"]);
-    assert!(err.contains("--decoder"), "--refresh-every needs a decoder: {err}");
+    let err = overfill_err(&[
+        "generate",
+        "--model",
+        &full,
+        "--prompt-ids",
+        "5",
+        "--refresh-every",
+        "2",
+    ]);
+    assert!(
+        err.contains("--decoder"),
+        "--refresh-every needs a decoder: {err}"
+    );
     let err = overfill_err(&[&two[..], &["--prompt-ids", "5", "--refresh-every", "0"]].concat());
     assert!(err.contains("at least 1"), "{err}");
-    let err = overfill_err(&[&two[..], &["--prompt-ids", "5", "--temperature", "1", "--top-p", "0"]].concat());
+    let err = overfill_err(
+        &[
+            &two[..],
+            &["--prompt-ids", "5", "--temperature", "1", "--top-p", "0"],
+        ]
+        .concat(),
+    );
     assert!(err.contains("top-p must be in (0, 1]"), "{err}");
 }
 
@@ -205,8 +336,17 @@ fn text_prompts_render_the_chat_template_like_transformers() {
     let model = tmp.path().join("model");
     let model_s = model.to_str().unwrap();
     overfill_ok(&[
-        "init-model", "--config", config.to_str().unwrap(), "--out", model_s, "--seed", "5",
-        "--std", "0.5", "--tokenizer", tokenizer.to_str().unwrap(),
+        "init-model",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model_s,
+        "--seed",
+        "5",
+        "--std",
+        "0.5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
     ]);
     let messages = tmp.path().join("messages.json");
     std::fs::write(
@@ -216,26 +356,50 @@ fn text_prompts_render_the_chat_template_like_transformers() {
     .unwrap();
     let expected: Vec<i64> = serde_json::from_str(&python_script(
         "two_stage_ref.py",
-        &["chat-ids", tokenizer.to_str().unwrap(), messages.to_str().unwrap()],
+        &[
+            "chat-ids",
+            tokenizer.to_str().unwrap(),
+            messages.to_str().unwrap(),
+        ],
     ))
     .unwrap();
     assert_eq!(expected[0], 128000, "BOS written by the template");
 
     let gen = ["generate", "--model", model_s, "--max-new-tokens", "5"];
-    let from_messages =
-        last_json(&overfill_ok(&[&gen[..], &["--messages", messages.to_str().unwrap(), "--json"]].concat()));
+    let from_messages = last_json(&overfill_ok(
+        &[
+            &gen[..],
+            &["--messages", messages.to_str().unwrap(), "--json"],
+        ]
+        .concat(),
+    ));
     assert_eq!(ids(&from_messages["prompt_ids"]), expected);
     let from_prompt = last_json(&overfill_ok(
-        &[&gen[..], &["--prompt", "  What is 2 + 2?  ", "--system", "Be brief.", "--json"]].concat(),
+        &[
+            &gen[..],
+            &[
+                "--prompt",
+                "  What is 2 + 2?  ",
+                "--system",
+                "Be brief.",
+                "--json",
+            ],
+        ]
+        .concat(),
     ));
     assert_eq!(ids(&from_prompt["prompt_ids"]), expected);
     assert_eq!(from_prompt["token_ids"], from_messages["token_ids"]);
-    let raw = last_json(&overfill_ok(&[&gen[..], &["--prompt", "What is 2 + 2?", "--raw", "--json"]].concat()));
+    let raw = last_json(&overfill_ok(
+        &[&gen[..], &["--prompt", "What is 2 + 2?", "--raw", "--json"]].concat(),
+    ));
     assert_ne!(ids(&raw["prompt_ids"]), expected);
 
     // Streaming (no --json): the text printed is the text of the generated ids.
     let streamed = overfill_ok(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
-    assert_eq!(streamed.trim_end_matches('\n'), from_messages["text"].as_str().unwrap());
+    assert_eq!(
+        streamed.trim_end_matches('\n'),
+        from_messages["text"].as_str().unwrap()
+    );
 
     let err = overfill_err(&[&gen[..], &["--prompt", "   "]].concat());
     assert!(err.contains("the prompt is empty"), "{err}");

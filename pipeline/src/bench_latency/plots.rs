@@ -25,15 +25,24 @@ fn register_font() -> Result<()> {
     static REGISTER: Once = Once::new();
     let mut result = Ok(());
     REGISTER.call_once(|| {
-        result = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-            .map_err(|_| anyhow!("the embedded DejaVu Sans font did not load"));
+        result = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        )
+        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not load"));
     });
     result
 }
 
 pub fn draw_all(out: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     register_font()?;
-    let of = |sweep: &str| rows.iter().filter(|r| r.sweep == sweep).cloned().collect::<Vec<_>>();
+    let of = |sweep: &str| {
+        rows.iter()
+            .filter(|r| r.sweep == sweep)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let gen = of("gen");
     if !gen.is_empty() {
         let (b, p) = (gen[0].batch, gen[0].prompt_len);
@@ -48,7 +57,11 @@ pub fn draw_all(out: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     }
     let prompt = of("prompt");
     if !prompt.is_empty() {
-        stacked_bars(&out.join("fig4_latency_vs_prompt_length.png"), &prompt, subtitle)?;
+        stacked_bars(
+            &out.join("fig4_latency_vs_prompt_length.png"),
+            &prompt,
+            subtitle,
+        )?;
     }
     let batch = of("batch");
     if !batch.is_empty() {
@@ -66,16 +79,31 @@ pub fn draw_all(out: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
 }
 
 /// End-to-end latency (s) of each system against `x`, with ±1 std error bars.
-fn lines(path: &Path, rows: &[Row], x: impl Fn(&Row) -> usize, title: &str, x_desc: &str, subtitle: &str) -> Result<()> {
+fn lines(
+    path: &Path,
+    rows: &[Row],
+    x: impl Fn(&Row) -> usize,
+    title: &str,
+    x_desc: &str,
+    subtitle: &str,
+) -> Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (top, body) = root.split_vertically(30);
-    top.draw_text(subtitle, &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)), (70, 10))
-        .map_err(plot_err)?;
+    top.draw_text(
+        subtitle,
+        &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
+        (70, 10),
+    )
+    .map_err(plot_err)?;
     let x_max = rows.iter().map(&x).max().unwrap_or(1) as f64;
     let x_min = rows.iter().map(&x).min().unwrap_or(0) as f64;
     // Headroom above the data for the legend.
-    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.3;
+    let y_max = rows
+        .iter()
+        .map(|r| r.total.mean + r.total.std)
+        .fold(0.0, f64::max)
+        * 1.3;
     let pad = (x_max - x_min).max(1.0) * 0.04;
     let mut chart = ChartBuilder::on(&body)
         .caption(title, ("sans-serif", 24))
@@ -109,20 +137,35 @@ fn lines(path: &Path, rows: &[Row], x: impl Fn(&Row) -> usize, title: &str, x_de
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart
-            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), color.stroke_width(3)))
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(3),
+            ))
             .map_err(plot_err)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
         chart
-            .draw_series(points.iter().map(|p| Circle::new((p.0, p.1), 5, color.filled())))
+            .draw_series(
+                points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 5, color.filled())),
+            )
             .map_err(plot_err)?;
         let cap = pad * 0.3;
         chart
             .draw_series(points.iter().flat_map(|&(px, m, s)| {
                 [
                     PathElement::new(vec![(px, m - s), (px, m + s)], color.stroke_width(2)),
-                    PathElement::new(vec![(px - cap, m - s), (px + cap, m - s)], color.stroke_width(2)),
-                    PathElement::new(vec![(px - cap, m + s), (px + cap, m + s)], color.stroke_width(2)),
+                    PathElement::new(
+                        vec![(px - cap, m - s), (px + cap, m - s)],
+                        color.stroke_width(2),
+                    ),
+                    PathElement::new(
+                        vec![(px - cap, m + s), (px + cap, m + s)],
+                        color.stroke_width(2),
+                    ),
                 ]
             }))
             .map_err(plot_err)?;
@@ -148,14 +191,25 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (top, body) = root.split_vertically(30);
-    top.draw_text(subtitle, &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)), (70, 10))
-        .map_err(plot_err)?;
+    top.draw_text(
+        subtitle,
+        &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
+        (70, 10),
+    )
+    .map_err(plot_err)?;
     // Headroom above the bars for the legend (two columns of three).
-    let y_max = rows.iter().map(|r| r.total.mean + r.total.std).fold(0.0, f64::max) * 1.5;
+    let y_max = rows
+        .iter()
+        .map(|r| r.total.mean + r.total.std)
+        .fold(0.0, f64::max)
+        * 1.5;
     let n = lengths.len() as f64;
     let labels = lengths.clone();
     let mut chart = ChartBuilder::on(&body)
-        .caption(format!("Prefill + decode latency vs prompt length (generation {gen}, batch {batch})"), ("sans-serif", 24))
+        .caption(
+            format!("Prefill + decode latency vs prompt length (generation {gen}, batch {batch})"),
+            ("sans-serif", 24),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(70)
@@ -189,20 +243,33 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
             .filter_map(|(i, &len)| {
                 rows.iter()
                     .find(|r| r.system == name && r.prompt_len == len)
-                    .map(|r| (i as f64 + offset, r.prefill.mean, r.decode.mean, r.total.std))
+                    .map(|r| {
+                        (
+                            i as f64 + offset,
+                            r.prefill.mean,
+                            r.decode.mean,
+                            r.total.std,
+                        )
+                    })
             })
             .collect();
         let light = color.mix(0.45);
         chart
             .draw_series(bars.iter().map(|&(x, p, _, _)| {
-                Rectangle::new([(x - width / 2.0, 0.0), (x + width / 2.0, p)], light.filled())
+                Rectangle::new(
+                    [(x - width / 2.0, 0.0), (x + width / 2.0, p)],
+                    light.filled(),
+                )
             }))
             .map_err(plot_err)?
             .label(format!("{name} prefill"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], light.filled()));
         chart
             .draw_series(bars.iter().map(|&(x, p, d, _)| {
-                Rectangle::new([(x - width / 2.0, p), (x + width / 2.0, p + d)], color.filled())
+                Rectangle::new(
+                    [(x - width / 2.0, p), (x + width / 2.0, p + d)],
+                    color.filled(),
+                )
             }))
             .map_err(plot_err)?
             .label(format!("{name} decode"))
