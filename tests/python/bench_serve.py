@@ -7,7 +7,7 @@ exactly MAX_TOKENS greedy tokens (ignore_eos) are timed. Reported: generated tok
 wall time, p50/p99 request latency, and the speed-up of batching at each C.
 
     python bench_serve.py --binary target/release/overfill --model FULL [--decoder DEC]
-        [--concurrency 1,8,32] [--max-tokens 16] [--min-requests 8] [--json OUT]
+        [--concurrency 1,8,32] [--max-tokens 16] [--min-requests 8] [--threads N] [--json OUT]
 """
 import argparse
 import json
@@ -24,6 +24,8 @@ def start_server(args, max_batch_size):
            "--dtype", args.dtype, "--max-batch-size", str(max_batch_size), "--max-queue", "4096"]
     if args.decoder:
         cmd += ["--decoder", args.decoder]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "listening on http://" in line:
@@ -80,6 +82,7 @@ def main():
     parser.add_argument("--decoder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="f32")
+    parser.add_argument("--threads", type=int, help="libtorch intra-op threads of each server")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--min-requests", type=int, default=8)

@@ -73,6 +73,9 @@ pub struct Args {
     /// tokenizer_config.json's chat_template) or a Jinja file; as `overfill generate --template`.
     #[arg(long, default_value = "llama3")]
     pub template: String,
+    /// Intra-op threads for libtorch (default: libtorch's own choice).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<i32>,
     /// The model name listed by /v1/models and put in responses. Default: --model as given.
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
@@ -122,7 +125,16 @@ pub fn run(args: Args) -> Result<()> {
     let metrics = Arc::new(Metrics::new()?);
 
     let load_dir = dir.clone();
+    if let Some(n) = args.threads {
+        if n < 1 {
+            bail!("--threads must be at least 1");
+        }
+    }
+    let threads = args.threads;
     let load = move || -> Result<Models> {
+        if let Some(n) = threads {
+            tch::set_num_threads(n);
+        }
         let prefill = Transformer::load(&load_dir, device, dtype)
             .with_context(|| format!("loading model {}", load_dir.display()))?;
         let decode = match &decoder_dir {
