@@ -446,6 +446,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.refresh_every == Some(0) {
         bail!("--refresh-every must be at least 1");
     }
+    if decode.sampling == Sampling::Greedy && (args.top_k.is_some() || args.top_p < 1.0) {
+        eprintln!("note: --temperature 0 decodes greedily; --top-k and --top-p apply with --temperature > 0");
+    }
     let config = load_config(&dir)?;
     crate::init_model::warn_unread_keys(&config, &dir.join("config.json"));
     // Refuse an incompatible decoder before any weights are read.
