@@ -7,7 +7,7 @@ exactly MAX_TOKENS greedy tokens (ignore_eos) are timed. Reported: generated tok
 wall time, p50/p99 request latency, and the speed-up of batching at each C.
 
     python bench_serve.py --binary target/release/overfill --model FULL [--decoder DEC]
-        [--concurrency 1,8,32] [--max-tokens 16] [--min-requests 8] [--threads N] [--json OUT]
+        [--concurrency 1,8,32] [--max-tokens 32] [--min-requests 32] [--threads N] [--json OUT]
 """
 import argparse
 import json
@@ -84,8 +84,8 @@ def main():
     parser.add_argument("--dtype", default="f32")
     parser.add_argument("--threads", type=int, help="libtorch intra-op threads of each server")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--min-requests", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -97,8 +97,9 @@ def main():
     started = [start_server(args, batch) for _, batch in servers]
     rows = []
     try:
-        for _, base in started:
-            one_request(base, -1, stream=False, chat=False, max_tokens=2)  # warm-up
+        for _, base in started:  # warm-up
+            for i in range(4):
+                one_request(base, -1 - i, stream=False, chat=False, max_tokens=args.max_tokens)
         for clients in levels:
             requests = max(args.min_requests, 2 * clients)
             for (mode, batch), (_, base) in zip(servers, started):
