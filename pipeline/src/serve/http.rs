@@ -1,5 +1,5 @@
-//! The HTTP side: routes, request checking, and turning engine events into OpenAI responses
-//! (one JSON object, or server-sent events ending with `data: [DONE]`).
+//! The HTTP side: routes, and turning engine events into OpenAI responses (one JSON object,
+//! or server-sent events ending with `data: [DONE]`); request checks live in `request`.
 //!
 //! Handlers never run a model: they tokenize, check limits, queue the sequences with the engine
 //! and wait on a channel of events. Dropping that channel (the client went away, so axum drops
@@ -17,29 +17,15 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use overfill_data::conversation::{Message, Role};
-use overfill_model::sampling::Sampling;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::api::{
-    message_text, parse_body, read_prompts, read_stop, usage, ApiError, GenerationRequest, Prompts,
-};
-use super::engine::{EngineHandle, Event, FinishReason, GenerationParams, Sequence, SubmitError};
+use super::api::{usage, ApiError};
+use super::engine::{EngineHandle, Event, FinishReason, Sequence, SubmitError};
 use super::metrics::Metrics;
+use super::request::{prepare, Job, Limits};
 use super::text::TextCodec;
-
-/// What requests may ask for.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_prompt_tokens: usize,
-    pub max_tokens: usize,
-    /// The model's max_position_embeddings: prompt + max_tokens must fit.
-    pub context_length: usize,
-    pub max_body_bytes: usize,
-    pub vocab_size: usize,
-}
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -67,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -75,13 +61,13 @@ fn unix_now() -> u64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+pub enum Endpoint {
     Completions,
     Chat,
 }
 
 impl Endpoint {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Chat => "/v1/chat/completions",
@@ -140,14 +126,6 @@ async fn not_found() -> Response {
     error.into_response()
 }
 
-/// A checked request, ready for the engine.
-struct Job {
-    prompts: Vec<Vec<i64>>,
-    params: GenerationParams,
-    stream: bool,
-    include_usage: bool,
-}
-
 async fn generation(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -177,224 +155,6 @@ async fn generation(
             .observe(arrived.elapsed().as_secs_f64());
     }
     response
-}
-
-fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::invalid(
-            format!("the request body is larger than the server's limit of {limit} bytes"),
-            None,
-        )
-        .with_code("request_too_large")
-    } else {
-        ApiError::invalid(
-            format!("cannot read the request body: {}", rejection.body_text()),
-            None,
-        )
-    }
-}
-
-fn prepare(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    endpoint: Endpoint,
-) -> Result<Job, ApiError> {
-    let limits = &state.limits;
-    let bytes = body.map_err(|e| body_error(e, limits.max_body_bytes))?;
-    let request: GenerationRequest = parse_body(&bytes)?;
-    if request.n.unwrap_or(1) != 1 {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
-    }
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid("echo is not supported", Some("echo")));
-    }
-    match &request.logprobs {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "logprobs are not supported",
-                Some("logprobs"),
-            ))
-        }
-    }
-    let stop_strings = read_stop(&request.stop)?;
-
-    let (prompts, param) = match endpoint {
-        Endpoint::Completions => (completion_prompts(state, &request)?, "prompt"),
-        Endpoint::Chat => (vec![chat_prompt(state, &request)?], "messages"),
-    };
-    for prompt in &prompts {
-        if prompt.is_empty() {
-            return Err(ApiError::invalid(
-                format!("`{param}` has no tokens"),
-                Some(param),
-            ));
-        }
-        if prompt.len() > limits.max_prompt_tokens {
-            return Err(ApiError::invalid(
-                format!(
-                    "the prompt has {} tokens, more than the server's limit of {} (--max-prompt-tokens)",
-                    prompt.len(),
-                    limits.max_prompt_tokens
-                ),
-                Some(param),
-            )
-            .with_code("context_length_exceeded"));
-        }
-    }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let room = limits.context_length.saturating_sub(longest);
-    let max_tokens = match request.max_tokens.or(request.max_completion_tokens) {
-        Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
-        Some(m) if m > limits.max_tokens as u64 => {
-            return Err(ApiError::invalid(
-                format!(
-                    "max_tokens is {m}, more than the server's limit of {} (--max-tokens-limit)",
-                    limits.max_tokens
-                ),
-                Some("max_tokens"),
-            ))
-        }
-        Some(m) if m as usize > room => {
-            return Err(ApiError::invalid(
-                format!(
-                    "the prompt ({longest} tokens) plus max_tokens {m} is more than the model's context length {}",
-                    limits.context_length
-                ),
-                Some("max_tokens"),
-            )
-            .with_code("context_length_exceeded"))
-        }
-        Some(m) => m as usize,
-        // OpenAI's defaults: 16 for completions, as much as fits for chat.
-        None => {
-            let wanted = match endpoint {
-                Endpoint::Completions => 16,
-                Endpoint::Chat => limits.max_tokens,
-            };
-            if room == 0 {
-                return Err(ApiError::invalid(
-                    format!("the prompt fills the model's context length {}", limits.context_length),
-                    Some(param),
-                )
-                .with_code("context_length_exceeded"));
-            }
-            wanted.min(room)
-        }
-    };
-
-    let temperature = request.temperature.unwrap_or(1.0);
-    let top_k = request
-        .top_k
-        .and_then(|k| usize::try_from(k).ok())
-        .filter(|&k| k > 0);
-    let seed = match request.seed {
-        Some(seed) => seed as u64,
-        // Unseeded sampling differs from request to request.
-        None => {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nanos
-                ^ state
-                    .next_id
-                    .fetch_add(1, Ordering::Relaxed)
-                    .rotate_left(32)
-        }
-    };
-    let sampling = Sampling::new(temperature, top_k, request.top_p.unwrap_or(1.0), seed)
-        .map_err(|e| ApiError::invalid(format!("{e:#}"), None))?;
-
-    let mut stop_ids = Vec::new();
-    if request.ignore_eos != Some(true) {
-        stop_ids.extend(&state.eos_token_ids);
-        if endpoint == Endpoint::Chat {
-            stop_ids.push(state.codec.end_of_turn_id());
-        }
-    }
-    stop_ids.extend(request.stop_token_ids.iter().flatten());
-
-    let stream = request.stream.unwrap_or(false);
-    let include_usage = request
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    Ok(Job {
-        prompts,
-        params: GenerationParams {
-            max_tokens,
-            sampling,
-            stop_strings,
-            stop_ids,
-        },
-        stream,
-        include_usage,
-    })
-}
-
-fn completion_prompts(
-    state: &AppState,
-    request: &GenerationRequest,
-) -> Result<Vec<Vec<i64>>, ApiError> {
-    let Some(prompt) = &request.prompt else {
-        return Err(ApiError::invalid("`prompt` is required", Some("prompt")));
-    };
-    match read_prompts(prompt)? {
-        Prompts::Texts(texts) => texts
-            .iter()
-            .map(|text| {
-                state
-                    .codec
-                    .encode_text(text)
-                    .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("prompt")))
-            })
-            .collect(),
-        Prompts::Ids(prompts) => {
-            let vocab = state.limits.vocab_size as i64;
-            for ids in &prompts {
-                if let Some(&id) = ids.iter().find(|&&id| id < 0 || id >= vocab) {
-                    return Err(ApiError::invalid(
-                        format!("token id {id} is outside the model's vocabulary 0..{vocab}"),
-                        Some("prompt"),
-                    ));
-                }
-            }
-            Ok(prompts)
-        }
-    }
-}
-
-fn chat_prompt(state: &AppState, request: &GenerationRequest) -> Result<Vec<i64>, ApiError> {
-    let Some(messages) = &request.messages else {
-        return Err(ApiError::invalid(
-            "`messages` is required",
-            Some("messages"),
-        ));
-    };
-    if messages.is_empty() {
-        return Err(ApiError::invalid("`messages` is empty", Some("messages")));
-    }
-    let messages = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = Role::parse(&m.role).ok_or_else(|| {
-                let param = format!("messages[{i}].role");
-                ApiError::invalid(
-                    format!("`{param}` is {:?}: system, user or assistant", m.role),
-                    Some(&param),
-                )
-            })?;
-            Ok(Message::new(role, message_text(&m.content, i)?))
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    state
-        .codec
-        .encode_chat(&messages)
-        .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))
 }
 
 /// Queues the job and answers: the whole response, or a stream (`true`).
@@ -524,7 +284,7 @@ async fn run(
     Ok((Json(body).into_response(), false))
 }
 
-fn server_error(message: String) -> ApiError {
+pub fn server_error(message: String) -> ApiError {
     ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message,

@@ -2,7 +2,8 @@
 //! (`--decoder`: the full model prefills, the pruned decoder decodes from its KV cache).
 //!
 //! - `http`: axum routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
-//!   `/metrics`), request checks and limits, JSON and server-sent-event responses.
+//!   `/metrics`), JSON and server-sent-event responses.
+//! - `request`: request checks and limits, prompts to token ids, generation parameters.
 //! - `api`: the OpenAI request/response/error shapes.
 //! - `engine`: the continuous-batching engine on its own OS thread, owning the models.
 //! - `batch_cache`: KV cache rows joining and leaving the running batch.
@@ -16,6 +17,7 @@ mod batch_cache;
 mod engine;
 mod http;
 mod metrics;
+mod request;
 mod text;
 
 use std::sync::atomic::AtomicU64;
@@ -28,8 +30,9 @@ use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 
 use engine::Models;
-use http::{AppState, Limits};
+use http::AppState;
 use metrics::Metrics;
+use request::Limits;
 use text::TextCodec;
 
 #[derive(clap::Args)]
