@@ -299,7 +299,7 @@ pub fn generate(
         } else {
             mask = Tensor::cat(&[&mask, &ones], 1);
             let logits = decode_model
-                .forward(&next_column, &positions, &mask, Some(&mut cache))
+                .forward_sampled(&next_column, &positions, &mask, &mut cache)
                 .context("decode step")?;
             if decode.refresh_every.is_some() {
                 fed_since_refresh.push((next_column, positions.shallow_clone()));

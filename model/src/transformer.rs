@@ -19,6 +19,15 @@ use crate::checkpoint::{load_config, load_tensors};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
 
+/// Where a forward pass's token ids come from: given by a caller (range-checked against the
+/// vocabulary, which waits for the device), or sampled from this vocabulary's logits (in range by
+/// construction; decoding must not sync with the device per token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdsOrigin {
+    Given,
+    Sampled,
+}
+
 /// Where `forward_with_taps` reports activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TapPoint {
@@ -459,7 +468,23 @@ impl Transformer {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(ids, positions, attention_mask, cache.into(), None)?;
+        let hidden = self.hidden(ids, positions, attention_mask, cache.into(), None, IdsOrigin::Given)?;
+        Ok(self.lm_head(&hidden))
+    }
+
+    /// `forward` for a decode step whose ids were sampled from the logits of a model with this
+    /// vocabulary (checked once, before generation, by `check_two_stage`): the per-step range check
+    /// would copy two values from the device and wait for it, every token.
+    pub fn forward_sampled(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let kv = KvSource::Cache(cache);
+        let hidden = self.hidden(ids, positions, attention_mask, kv, None, IdsOrigin::Sampled)?;
         Ok(self.lm_head(&hidden))
     }
 
@@ -473,7 +498,7 @@ impl Transformer {
         tap: &mut dyn FnMut(usize, TapPoint, &Tensor),
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(ids, positions, attention_mask, KvSource::None, Some(tap))?;
+        let hidden = self.hidden(ids, positions, attention_mask, KvSource::None, Some(tap), IdsOrigin::Given)?;
         Ok(self.lm_head(&hidden))
     }
 
@@ -486,7 +511,7 @@ impl Transformer {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.hidden(ids, positions, attention_mask, cache.into(), None)
+        self.hidden(ids, positions, attention_mask, cache.into(), None, IdsOrigin::Given)
     }
 
     /// Logits [B, T, V] with autograd on (training). ids/positions [B, T] i64;
@@ -515,7 +540,7 @@ impl Transformer {
             Some(past) => KvSource::Past(past),
             None => KvSource::None,
         };
-        self.hidden(ids, positions, attention_mask, kv, None)
+        self.hidden(ids, positions, attention_mask, kv, None, IdsOrigin::Given)
     }
 
     /// The frozen prefill (no grad): per layer (K, V) after RoPE, each [B, KV, T, hd] in the
@@ -535,6 +560,7 @@ impl Transformer {
             attention_mask,
             KvSource::Record(&mut kv),
             None,
+            IdsOrigin::Given,
         )?;
         Ok(kv)
     }
@@ -551,6 +577,7 @@ impl Transformer {
         positions: &Tensor,
         attention_mask: &Tensor,
         kv: &KvSource,
+        ids_origin: IdsOrigin,
     ) -> Result<(i64, i64, i64)> {
         let ids_size = ids.size();
         if ids_size.len() != 2 || ids_size[1] == 0 {
@@ -604,12 +631,14 @@ impl Transformer {
                 );
             }
         }
-        let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-        if min < 0 || max >= self.config.vocab_size as i64 {
-            bail!(
-                "token id out of range [0, {}): min {min}, max {max}",
-                self.config.vocab_size
-            );
+        if ids_origin == IdsOrigin::Given {
+            let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            if min < 0 || max >= self.config.vocab_size as i64 {
+                bail!(
+                    "token id out of range [0, {}): min {min}, max {max}",
+                    self.config.vocab_size
+                );
+            }
         }
         Ok((b, t, past))
     }
@@ -656,8 +685,9 @@ impl Transformer {
         attention_mask: &Tensor,
         mut kv: KvSource,
         mut tap: Tap,
+        ids_origin: IdsOrigin,
     ) -> Result<Tensor> {
-        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, &kv)?;
+        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, &kv, ids_origin)?;
         let device = self.device();
         // mask [B, 1, T, S]: query i (slot past+i) sees real slots j <= past+i, and always
         // itself, so that padding queries stay finite (their outputs are never used).

@@ -104,8 +104,8 @@ pub struct Args {
     /// Write the prompt's logits to FILE (safetensors, key "logits", [prompt_len, vocab] f32).
     #[arg(long, value_name = "FILE")]
     pub logits: Option<PathBuf>,
-    /// Refuse, instead of warning, a prompt (plus --max-new-tokens) longer than the model's
-    /// max_position_embeddings.
+    /// Refuse, instead of warning, a prompt plus --max-new-tokens longer than the model's
+    /// max_position_embeddings (a prompt alone longer than it is always refused).
     #[arg(long)]
     pub strict: bool,
 }
@@ -126,17 +126,20 @@ fn parse_ids(s: &str, flag: &str) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
-/// RoPE positions past `max_position_embeddings` are outside what the model was trained on:
-/// the output degrades without any error, so say so (or refuse with --strict).
+/// RoPE positions past `max_position_embeddings` are outside what the model was trained on: the
+/// output degrades without any error. A prompt that does not fit is refused (it is the user's
+/// input, and prefilling it is the expensive part); generation that would run past the limit is
+/// warned about, or refused with --strict.
 fn check_positions(
     prompt_len: usize,
     max_new_tokens: usize,
     max_positions: usize,
     strict: bool,
 ) -> Result<()> {
-    let problem = if prompt_len > max_positions {
-        format!("the prompt has {prompt_len} tokens, more than the model's max_position_embeddings {max_positions}")
-    } else if prompt_len + max_new_tokens > max_positions {
+    if prompt_len > max_positions {
+        bail!("the prompt has {prompt_len} tokens, more than the model's max_position_embeddings {max_positions}");
+    }
+    let problem = if prompt_len + max_new_tokens > max_positions {
         format!(
             "the prompt ({prompt_len} tokens) plus --max-new-tokens {max_new_tokens} runs past the model's max_position_embeddings {max_positions}"
         )

@@ -436,7 +436,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
 }
 
 #[test]
-fn generate_warns_past_max_positions_refuses_with_strict_and_echoes_canonical_dtype() {
+fn generate_refuses_prompts_past_max_positions_warns_on_generation_past_them_and_echoes_canonical_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     copy_dir(&case_model_dir("llama3_tied"), &model);
@@ -451,14 +451,18 @@ fn generate_warns_past_max_positions_refuses_with_strict_and_echoes_canonical_dt
     assert!(prompt.len() > 8);
     let prompt = prompt.join(",");
     let model_s = model.to_str().unwrap();
+    // A prompt that does not fit is refused, with or without --strict.
+    let err = fails(&["generate", "--model", model_s, "--prompt-ids", &prompt, "--max-new-tokens", "2"]);
+    assert!(err.contains("max_position_embeddings 8") && err.contains("11 tokens"), "{err}");
+    // Generation past the limit is warned about; dtype and device are echoed canonically.
     let run = ok(&[
         "generate",
         "--model",
         model_s,
         "--prompt-ids",
-        &prompt,
+        "5,6,7",
         "--max-new-tokens",
-        "2",
+        "6",
         "--json",
         "--dtype",
         "BF16",
@@ -466,30 +470,11 @@ fn generate_warns_past_max_positions_refuses_with_strict_and_echoes_canonical_dt
         "CPU",
     ]);
     let err = stderr(&run);
-    assert!(
-        err.contains("warning")
-            && err.contains("max_position_embeddings 8")
-            && err.contains("11 tokens"),
-        "{err}"
-    );
-    let out: Value = serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim()).unwrap();
+    assert!(err.contains("warning") && err.contains("max_position_embeddings 8"), "{err}");
+    let out: Value = serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim().lines().last().unwrap()).unwrap();
     assert_eq!(
         (out["dtype"].as_str(), out["device"].as_str()),
         (Some("bf16"), Some("cpu"))
-    );
-    let err = fails(&[
-        "generate",
-        "--model",
-        model_s,
-        "--prompt-ids",
-        &prompt,
-        "--max-new-tokens",
-        "2",
-        "--strict",
-    ]);
-    assert!(
-        err.contains("max_position_embeddings 8") && err.contains("--strict"),
-        "{err}"
     );
     // Prompt within the limit but generation past it: warned, refused with --strict.
     let err = fails(&[
