@@ -468,15 +468,19 @@ fn openai_client_and_lm_eval_against_the_server() {
         );
     }
     let out_dir = tempfile::tempdir().unwrap();
-    for (kind, endpoint, extra) in [
+    // The default tokenizer_backend (auto) finds the server's /tokenizer_info and /tokenize and
+    // sends prompts as token ids of that tokenizer (no special tokens added).
+    for (run_name, kind, endpoint, extra) in [
         (
+            "text",
             "local-completions",
             "/v1/completions",
             ",tokenizer_backend=none",
         ),
-        ("local-chat-completions", "/v1/chat/completions", ""),
+        ("ids", "local-completions", "/v1/completions", ""),
+        ("chat", "local-chat-completions", "/v1/chat/completions", ""),
     ] {
-        let output_path = out_dir.path().join(kind);
+        let output_path = out_dir.path().join(run_name);
         let mut cmd = Command::new(&lm_eval);
         cmd.current_dir(repo_root())
             .env("HF_HUB_OFFLINE", "1")
@@ -531,8 +535,14 @@ fn openai_client_and_lm_eval_against_the_server() {
                 !logged.contains('\n') && !logged.contains("Question:"),
                 "{kind}: stop not applied: {logged:?}"
             );
-            let request = if kind == "local-completions" {
+            let request = if run_name == "text" {
                 json!({"prompt": context, "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
+            } else if run_name == "ids" {
+                let (_, ids) = server.post(
+                    "/tokenize",
+                    &json!({"prompt": context, "add_special_tokens": false}),
+                );
+                json!({"prompt": ids["tokens"], "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
             } else {
                 let messages: Value = serde_json::from_str(context).unwrap();
                 json!({"messages": messages, "max_tokens": 16, "temperature": 0, "stop": ["\n", "Question:"]})
@@ -544,7 +554,7 @@ fn openai_client_and_lm_eval_against_the_server() {
             } else {
                 &answer["choices"][0]["message"]["content"]
             };
-            assert_eq!(text.as_str().unwrap(), logged, "{kind}: {context:?}");
+            assert_eq!(text.as_str().unwrap(), logged, "{run_name}: {context:?}");
         }
     }
 }
@@ -872,6 +882,58 @@ fn bad_requests_disconnects_and_sigterm() {
     assert_eq!(
         server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""),
         17.0
+    );
+
+    // vLLM's tokenizer endpoints.
+    let (status, text) = http(&server.address, "GET", "/tokenizer_info", b"");
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&text).unwrap();
+    // Both special tokens are single tokens of the server's tokenizer (lm_eval takes their ids).
+    for key in ["eos_token", "bos_token"] {
+        let token = info[key].as_str().unwrap_or_else(|| panic!("{info}"));
+        let (_, ids) = server.post(
+            "/tokenize",
+            &json!({"prompt": token, "add_special_tokens": false}),
+        );
+        assert_eq!(ids["count"], 1, "{key} {token:?}: {ids}");
+    }
+    assert!(info["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("start_header_id"));
+    let (status, tokens) = server.post(
+        "/tokenize",
+        &json!({"prompt": "Hello there", "add_special_tokens": false}),
+    );
+    assert_eq!(status, 200, "{tokens}");
+    assert_eq!(tokens["count"], tokens["tokens"].as_array().unwrap().len());
+    let (status, text) = server.post("/detokenize", &json!({"tokens": tokens["tokens"]}));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text["prompt"], "Hello there");
+    let (_, bos) = server.post(
+        "/tokenize",
+        &json!({"prompt": info["bos_token"], "add_special_tokens": false}),
+    );
+    assert_eq!(bos["tokens"].as_array().unwrap().len(), 1, "{bos}");
+    let (_, chat_ids) = server.post(
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(
+        chat_ids["tokens"][0], bos["tokens"][0],
+        "the template writes BOS: {chat_ids}"
+    );
+    let (status, answer) = server.post("/tokenize", &json!({"add_special_tokens": false}));
+    assert_error(status, &answer, 400, None, "tokenize without text");
+    let (status, answer) = server.post("/detokenize", &json!({"tokens": "x"}));
+    assert_error(status, &answer, 400, Some("tokens"), "detokenize a string");
+    let (status, answer) = server.post("/detokenize", &json!({"tokens": [99999]}));
+    assert_error(
+        status,
+        &answer,
+        400,
+        Some("tokens"),
+        "detokenize an id past the vocabulary",
     );
 
     // A streaming client that goes away after its first chunk frees its row.

@@ -122,6 +122,21 @@ pub struct ChatMessage {
     pub content: Value,
 }
 
+/// `POST /tokenize` (vLLM's): `prompt` text or chat `messages`.
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Text only; default true (as vLLM). lm-evaluation-harness sends false.
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `POST /detokenize` (vLLM's).
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<i64>,
+}
+
 /// The prompts of a completion request.
 pub enum Prompts {
     Texts(Vec<String>),

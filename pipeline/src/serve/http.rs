@@ -21,10 +21,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::api::{usage, ApiError};
+use super::api::{parse_body, usage, ApiError, DetokenizeRequest, TokenizeRequest};
 use super::engine::{EngineHandle, Event, FinishReason, Sequence, SubmitError};
 use super::metrics::Metrics;
-use super::request::{prepare, Job, Limits};
+use super::request::{body_error, chat_messages, prepare, Job, Limits};
 use super::text::TextCodec;
 
 pub struct AppState {
@@ -47,6 +47,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
@@ -118,6 +121,78 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// vLLM's tokenizer endpoints, with which lm-evaluation-harness's default
+/// `tokenizer_backend=auto` uses the server's own tokenizer (prompts then arrive as ids).
+async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Response {
+    let codec = &state.codec;
+    Json(json!({
+        "eos_token": codec.eos_token,
+        "bos_token": codec.bos_token,
+        "pad_token": null,
+        "chat_template": codec.chat_template(),
+        "model_max_length": state.limits.context_length,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+    .into_response()
+}
+
+async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        let bytes = body.map_err(|e| body_error(e, state.limits.max_body_bytes))?;
+        let request: TokenizeRequest = parse_body(&bytes)?;
+        let ids = match (&request.prompt, &request.messages) {
+            (Some(text), None) => state
+                .codec
+                .encode_text_with(text, request.add_special_tokens.unwrap_or(true))
+                .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("prompt")))?,
+            (None, Some(messages)) => state
+                .codec
+                .encode_chat(&chat_messages(messages)?)
+                .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "give either `prompt` (text) or `messages`",
+                    None,
+                ))
+            }
+        };
+        Ok(json!({
+            "tokens": ids,
+            "count": ids.len(),
+            "max_model_len": state.limits.context_length,
+        }))
+    };
+    match answer() {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        let bytes = body.map_err(|e| body_error(e, state.limits.max_body_bytes))?;
+        let request: DetokenizeRequest = parse_body(&bytes)?;
+        let vocab = state.limits.vocab_size as i64;
+        if let Some(&id) = request.tokens.iter().find(|&&id| id < 0 || id >= vocab) {
+            return Err(ApiError::invalid(
+                format!("token id {id} is outside the model's vocabulary 0..{vocab}"),
+                Some("tokens"),
+            ));
+        }
+        Ok(json!({"prompt": state.codec.decode_with(&request.tokens, false)}))
+    };
+    match answer() {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn not_found() -> Response {

@@ -13,7 +13,8 @@ use overfill_model::sampling::Sampling;
 use serde_json::Value;
 
 use super::api::{
-    message_text, parse_body, read_prompts, read_stop, ApiError, GenerationRequest, Prompts,
+    message_text, parse_body, read_prompts, read_stop, ApiError, ChatMessage, GenerationRequest,
+    Prompts,
 };
 use super::engine::GenerationParams;
 use super::http::{AppState, Endpoint};
@@ -37,7 +38,7 @@ pub struct Job {
     pub include_usage: bool,
 }
 
-fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
+pub fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::invalid(
             format!("the request body is larger than the server's limit of {limit} bytes"),
@@ -233,10 +234,19 @@ fn chat_prompt(state: &AppState, request: &GenerationRequest) -> Result<Vec<i64>
             Some("messages"),
         ));
     };
+    let messages = chat_messages(messages)?;
+    state
+        .codec
+        .encode_chat(&messages)
+        .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))
+}
+
+/// The turns of a chat request (roles as preprocess reads them: user/human, ...).
+pub fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
     }
-    let messages = messages
+    messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
@@ -249,9 +259,5 @@ fn chat_prompt(state: &AppState, request: &GenerationRequest) -> Result<Vec<i64>
             })?;
             Ok(Message::new(role, message_text(&m.content, i)?))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    state
-        .codec
-        .encode_chat(&messages)
-        .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))
+        .collect()
 }

@@ -23,6 +23,9 @@ pub struct TextCodec {
     split: SplitTokenizer,
     /// Rows of the embedding table: ids at or past it cannot be fed.
     vocab_size: usize,
+    /// BOS and EOS strings of tokenizer_config.json (reported by /tokenizer_info).
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
 }
 
 impl TextCodec {
@@ -55,6 +58,8 @@ impl TextCodec {
             template,
             split,
             vocab_size,
+            bos_token: tokenizer_config.bos_token.clone(),
+            eos_token: tokenizer_config.eos_token.clone(),
         })
     }
 
@@ -63,11 +68,21 @@ impl TextCodec {
         self.split.end_of_turn_id as i64
     }
 
+    /// The chat template's Jinja source.
+    pub fn chat_template(&self) -> &str {
+        &self.template.source
+    }
+
     /// A completion prompt: the text as it is, with the tokenizer's special tokens (BOS).
     pub fn encode_text(&self, text: &str) -> Result<Vec<i64>> {
+        self.encode_text_with(text, true)
+    }
+
+    /// Text as it is, with or without the tokenizer's special tokens (`/tokenize`).
+    pub fn encode_text_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
         let encoding = self
             .tokenizer
-            .encode(text, true)
+            .encode(text, add_special_tokens)
             .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
         self.checked(encoding.get_ids())
     }
@@ -96,11 +111,18 @@ impl TextCodec {
 
     /// Text of generated ids, special tokens skipped (as `overfill generate` prints it).
     pub fn decode(&self, ids: &[i64]) -> String {
+        self.decode_with(ids, true)
+    }
+
+    /// Text of ids, special tokens written out unless skipped (`/detokenize` keeps them).
+    pub fn decode_with(&self, ids: &[i64], skip_special_tokens: bool) -> String {
         let ids: Vec<u32> = ids
             .iter()
             .filter_map(|&id| u32::try_from(id).ok())
             .collect();
-        self.tokenizer.decode(&ids, true).unwrap_or_default()
+        self.tokenizer
+            .decode(&ids, skip_special_tokens)
+            .unwrap_or_default()
     }
 }
 
