@@ -277,17 +277,20 @@ fn bad_input_is_a_clear_error() {
         "a text prompt needs a tokenizer: {err}"
     );
 
-    // Longer than the model's context (max_position_embeddings 64): a warning, or with
-    // --strict an error before any work.
+    // Longer than the model's context (max_position_embeddings 64): an error before any work;
+    // a prompt that fits but whose generation would not is a warning (an error with --strict).
     let long = joined(&(0..70).map(|i| 3 + i % 90).collect::<Vec<i64>>());
-    let err = overfill_err(&[&two[..], &["--prompt-ids", &long, "--strict"]].concat());
+    let err = overfill_err(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
     assert!(
-        err.contains("more than the model's max_position_embeddings 64"),
+        err.contains("the prompt has 70 tokens, more than the model's max_position_embeddings 64"),
         "{err}"
     );
-    let out = overfill(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
+    let fits = joined(&(0..60).map(|i| 3 + i % 90).collect::<Vec<i64>>());
+    let out = overfill(&[&two[..], &["--prompt-ids", &fits, "--max-new-tokens", "8"]].concat());
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the prompt has 70 tokens"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the prompt (60 tokens) plus --max-new-tokens 8"));
+    let err = overfill_err(&[&two[..], &["--prompt-ids", &fits, "--max-new-tokens", "8", "--strict"]].concat());
+    assert!(err.contains("--strict"), "{err}");
 
     let err = overfill_err(&[
         "generate",
