@@ -41,6 +41,14 @@ echo "== calibrate-prune on CUDA (bf16) from synthetic shards"
     --calib-size 64 --batch-size 16 --max-seq-len 128 --device cuda:0 --dtype bf16 --out "$work/pruned" --json > "$out/prune-cuda.json"
 cat "$out/prune-cuda.json"
 
+echo "== data parallel: a world-size-1 NCCL process group (torchrun environment by hand), 2 training steps on CUDA"
+# The NCCL path of the c10d shim is compiled only when the build found the NCCL/CUDA header wheels
+# (cuda-toolkit[crt,cccl]); a build without them says "built without NCCL" here.
+RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29571 \
+    "$bin" train --full "$work/full" --decoder "$work/pruned" --data "$work/shards" --out "$work/run-nccl" \
+    --device cuda --dtype bf16 --batch-size 2 --grad-accum 1 --max-steps 2 --save-steps 0 --eval-steps 0 \
+    && echo "nccl world-size-1 training: ok" || echo "nccl world-size-1 training: FAILED"
+
 echo "== bench-latency: the paper's Figures 3-5 for the real 3B->1B and 8B->3B shapes (Table 8: D'/I' 1689/4505 and 2334/8171)"
 # Random weights made on the device, bf16 (the configs are the released ones' architecture facts,
 # written here so the check needs no fixture folder). Sized to ~6 minutes on an H200 with

@@ -67,8 +67,8 @@ pub fn run(args: Args) -> Result<()> {
 
     // SAFETY: the handler only stores into an atomic (async-signal-safe).
     unsafe {
-        libc::signal(libc::SIGINT, remember_signal as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, remember_signal as libc::sighandler_t);
+        libc::signal(libc::SIGINT, remember_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, remember_signal as *const () as libc::sighandler_t);
     }
 
     let mut ranks = Vec::with_capacity(args.nproc_per_node);

@@ -7,6 +7,10 @@
 //! diagnosis of the other ranks read from the rendezvous store (which rank is gone or behind), so
 //! a dead or hung peer ends this rank with an error naming it instead of a silent hang.
 pub mod bench;
+pub mod budget;
+pub mod stop;
+pub mod train;
+pub mod zero;
 mod ffi;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +20,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-pub use ffi::has_nccl;
 
 /// Flattened all-reduce buckets (PyTorch DDP's default bucket cap).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
@@ -82,7 +85,6 @@ impl DistEnv {
 pub struct Dist {
     rank: usize,
     world_size: usize,
-    local_rank: usize,
     group: Option<Arc<ffi::Group>>,
     bucket_bytes: usize,
     timeout: Duration,
@@ -134,7 +136,7 @@ impl Drop for Heartbeat {
 impl Dist {
     /// One process, no communication: every collective is the identity.
     pub fn single() -> Dist {
-        Dist { rank: 0, world_size: 1, local_rank: 0, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Arc::default(), heartbeat: None, host: host_name() }
+        Dist { rank: 0, world_size: 1, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Arc::default(), heartbeat: None, host: host_name() }
     }
 
     /// Joins the job the environment describes (world size 1 when it describes none), with the
@@ -148,9 +150,15 @@ impl Dist {
 
     pub fn join(env: &DistEnv, device: Device, timeout: Duration) -> Result<Dist> {
         if env.world_size == 1 && !matches!(device, Device::Cuda(_)) {
-            return Ok(Dist { local_rank: env.local_rank, ..Dist::single() });
+            return Ok(Dist::single());
         }
         let (backend, device_index) = match device {
+            Device::Cuda(_) if !ffi::has_nccl() => bail!(
+                "rank {} of {}: data parallelism on CUDA needs NCCL, and this overfill was built without NCCL \
+                 (the NCCL/CUDA header wheels were missing at build time: run scripts/setup.sh and rebuild)",
+                env.rank,
+                env.world_size
+            ),
             Device::Cuda(i) => ("nccl", i),
             _ => ("gloo", 0),
         };
@@ -164,7 +172,6 @@ impl Dist {
         let mut dist = Dist {
             rank: env.rank,
             world_size: env.world_size,
-            local_rank: env.local_rank,
             group: Some(Arc::new(group)),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             timeout,
@@ -190,16 +197,8 @@ impl Dist {
     pub fn world_size(&self) -> usize {
         self.world_size
     }
-    pub fn local_rank(&self) -> usize {
-        self.local_rank
-    }
     pub fn is_main(&self) -> bool {
         self.rank == 0
-    }
-
-    /// Bucket cap of `all_reduce_sum` (bytes).
-    pub fn set_bucket_bytes(&mut self, bytes: usize) {
-        self.bucket_bytes = bytes.max(1);
     }
 
     /// Sums each tensor over ranks, in place (bucketed: same-dtype tensors flattened into buckets of

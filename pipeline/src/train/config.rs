@@ -80,6 +80,12 @@ pub struct TrainSection {
     pub prefetch_batches: usize,
     /// Intra-op threads for libtorch (0 = libtorch's default).
     pub threads: usize,
+    /// Data parallelism: 0 = every rank keeps the whole optimizer state; 1 = ZeRO stage 1 (fp32
+    /// master weights and AdamW moments sharded over the ranks; same results). Resume needs the
+    /// same world size.
+    pub zero_stage: u8,
+    /// Seconds a collective waits for the other ranks before this rank fails, naming them.
+    pub collective_timeout_secs: u64,
 }
 
 impl Default for TrainSection {
@@ -115,6 +121,8 @@ impl Default for TrainSection {
             length_group_batches: 64,
             prefetch_batches: 4,
             threads: 0,
+            zero_stage: 0,
+            collective_timeout_secs: 600,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod trainer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use overfill_data::order::steps_per_epoch;
@@ -77,12 +78,25 @@ pub struct Args {
     /// Intra-op threads for libtorch (0 = libtorch's default) [train.threads].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Print the per-GPU memory budget of the recipe's shapes (replicated and ZeRO-1 optimizer
+    /// state) for --gpus × --gpu-memory and whether it fits; nothing is loaded or trained.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// GPUs (data-parallel ranks) for --dry-run.
+    #[arg(long, default_value_t = 1, requires = "dry_run")]
+    pub gpus: usize,
+    /// Memory of one GPU in GiB for --dry-run.
+    #[arg(long, default_value_t = 80.0, requires = "dry_run")]
+    pub gpu_memory: f64,
 }
 
 /// `overfill train`: every check first (nothing written, no weight loaded until they pass), then
 /// the run folder, then the loop.
 pub fn run(args: Args) -> Result<()> {
     let settings = settings::resolve(&args)?;
+    if args.dry_run {
+        return crate::dist::budget::run(&settings, args.gpus, args.gpu_memory);
+    }
     let t = settings.train.clone();
     if t.threads > 0 {
         tch::set_num_threads(t.threads as i32);
@@ -107,10 +121,17 @@ pub fn run(args: Args) -> Result<()> {
         settings::check_shard_vocab(&val, "val", &decoder_config, &settings.decoder)?;
         Some(val)
     };
-    let per_epoch = steps_per_epoch(train.len(), settings.global_batch_rows(1));
+    // Under torchrun/SLURM/`overfill launch` the global batch spans every rank.
+    let dist_env = crate::dist::DistEnv::from_env()?;
+    let world_size = dist_env.as_ref().map_or(1, |env| env.world_size);
+    let per_epoch = steps_per_epoch(train.len(), settings.global_batch_rows(world_size));
     let total_steps = (per_epoch * t.num_epochs) as u64;
     // One run per folder at a time (released when this process ends, however it ends).
-    let _lock = overfill_data::out_lock::OutputLock::acquire(&settings.out, "train")?;
+    // (Rank 0 holds it for all ranks of a data-parallel run.)
+    let _lock = match dist_env.as_ref().map_or(0, |env| env.rank) {
+        0 => Some(overfill_data::out_lock::OutputLock::acquire(&settings.out, "train")?),
+        _ => None,
+    };
     let resume_from = match run_folder::inspect(&settings, total_steps)? {
         run_folder::Existing::Fresh => None,
         run_folder::Existing::SameRun { checkpoint } => checkpoint,
@@ -123,10 +144,17 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("--resume: no checkpoint in {} yet; starting from step 0", settings.out.display());
     }
 
-    // Checks passed: the run folder may be written from here on.
-    std::fs::create_dir_all(&settings.out).with_context(|| format!("creating {}", settings.out.display()))?;
-    run_folder::remove_stale_temporaries(&settings.out)?;
-    run_folder::write_recipe(&settings)?;
+    // Checks passed on this rank: join the others (world size 1 without a launcher). SIGINT and
+    // SIGTERM from here on stop after the current step with a checkpoint.
+    crate::dist::stop::install();
+    let (dist, device) = crate::dist::train::join_for_training(&t.device, device, Duration::from_secs(t.collective_timeout_secs))?;
+
+    // The run folder may be written from here on, by rank 0 only.
+    if dist.is_main() {
+        std::fs::create_dir_all(&settings.out).with_context(|| format!("creating {}", settings.out.display()))?;
+        run_folder::remove_stale_temporaries(&settings.out)?;
+        run_folder::write_recipe(&settings)?;
+    }
     trainer::train(
         trainer::TrainInputs {
             settings,
@@ -138,6 +166,6 @@ pub fn run(args: Args) -> Result<()> {
             total_steps,
             resume_from,
         },
-        &trainer::SingleProcess,
+        &dist,
     )
 }

@@ -194,6 +194,7 @@ pub fn save_checkpoint_folder(
     decoder: &Transformer,
     decoder_source: &Path,
     optimizer_state: &[(String, Tensor)],
+    rank_files: &[(String, PathBuf)],
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -205,6 +206,14 @@ pub fn save_checkpoint_folder(
     save_decoder(decoder, decoder_source, &tmp)?;
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     Tensor::write_safetensors(optimizer_state, &optimizer_path).with_context(|| format!("writing {}", optimizer_path.display()))?;
+    // Files each rank wrote for this checkpoint (ZeRO-1 optimizer slices), moved in before the
+    // folder becomes visible.
+    for (name, path) in rank_files {
+        std::fs::rename(path, tmp.join(name)).with_context(|| format!("moving {} into {}", path.display(), tmp.display()))?;
+        if let Some(staging) = path.parent() {
+            let _ = std::fs::remove_dir(staging);
+        }
+    }
     write_state(&tmp, state)?;
     let dir = out.join(&name);
     if dir.exists() {

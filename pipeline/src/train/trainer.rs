@@ -17,7 +17,8 @@ use super::config::TrainMode;
 use super::events::EventWriter;
 use super::loader::{Loader, LoaderConfig, StepPosition};
 use super::memory::process_memory;
-use super::optimizer::{clip_coefficient, learning_rate, warmup_steps, AdamW, AdamWConfig};
+use super::optimizer::{clip_coefficient, learning_rate, warmup_steps, AdamWConfig};
+use crate::dist::train::StepOptimizer;
 use super::run_folder::{self, TrainerState};
 use super::settings::{check_cache_dtype, Settings};
 use crate::eval_loss::evaluate;
@@ -32,9 +33,27 @@ pub trait GradientReducer {
     fn all_reduce_gradients(&self, gradients: &mut [Tensor]) -> Result<()>;
     /// Sums host-side metrics (loss sums, token counts) over ranks in place.
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
+    /// Copies rank 0's tensors into every rank's (the decoder's weights at start).
+    fn broadcast_from_rank0(&self, _tensors: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+    /// `output` = this rank's slice of the sum over ranks of `input` (ZeRO-1's gradients).
+    fn reduce_scatter_sum(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        tch::no_grad(|| output.view([-1]).copy_(&input.view([-1])));
+        Ok(())
+    }
+    /// `output` = every rank's `input`, end to end in rank order (ZeRO-1's parameters).
+    fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        tch::no_grad(|| output.view([-1]).copy_(&input.view([-1])));
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One process, no communication.
+#[allow(dead_code)] // `train::run` passes a `Dist`, which is this at world size 1.
 pub struct SingleProcess;
 
 impl GradientReducer for SingleProcess {
@@ -104,7 +123,10 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         check_cache_dtype(full.kind(), decoder.kind())?;
     }
     decoder.set_requires_grad(true);
-    let mut optimizer = AdamW::new(decoder.parameters(), AdamWConfig::from_train(&t))?;
+    // Data parallelism: every rank starts from rank 0's weights.
+    let params = decoder.parameters();
+    reducer.broadcast_from_rank0(&params.iter().map(|(_, p)| p.shallow_clone()).collect::<Vec<_>>())?;
+    let mut optimizer = StepOptimizer::new(params, AdamWConfig::from_train(&t), t.zero_stage, reducer)?;
 
     // Resume: weights (from the fp32 masters), moments and counters of the newest checkpoint.
     let mut state = TrainerState {
@@ -131,7 +153,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
             );
         }
         optimizer
-            .load_state(run_folder::read_optimizer_state(dir)?, saved.optimizer_steps)
+            .load_from(dir, saved.optimizer_steps, reducer)
             .with_context(|| format!("restoring the optimizer from {}", dir.display()))?;
         eprintln!("resuming from {} (step {step} of {total_steps})", dir.display());
         state = TrainerState { settings: t.clone(), ..saved };
@@ -260,12 +282,14 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                 optimizer.accumulate_micro_batch();
             }
         }
-        let mut gradients = optimizer.gradients();
-        reducer.all_reduce_gradients(&mut gradients)?;
-        let mut sums = [local_loss.double_value(&[])];
+        optimizer.reduce_gradients(reducer)?;
+        // The loss sum and a stop request (SIGINT/SIGTERM on any rank) in one reduction, so every
+        // rank stops after the same step.
+        let mut sums = [local_loss.double_value(&[]), if crate::dist::stop::requested() { 1.0 } else { 0.0 }];
         reducer.all_reduce_sum(&mut sums)?;
+        let stop_requested = sums[1] > 0.0;
         let loss = sums[0] / total_tokens as f64;
-        let grad_norm = optimizer.grad_norm();
+        let grad_norm = optimizer.grad_norm(reducer)?;
 
         state.skipped_rows += batches.global_skipped_rows as u64;
         if total_tokens == 0 {
@@ -287,7 +311,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                 ));
             }
         } else {
-            optimizer.step(lr, clip_coefficient(grad_norm, t.max_grad_norm));
+            optimizer.step(lr, clip_coefficient(grad_norm, t.max_grad_norm), reducer)?;
             state.bad_step_streak = 0;
             state.predicted_tokens += total_tokens as u64;
             window.loss_sum += sums[0];
@@ -299,7 +323,7 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         state.step = step;
         state.epoch = next.epoch;
         state.step_in_epoch = next.step_in_epoch;
-        state.optimizer_steps = optimizer.steps;
+        state.optimizer_steps = optimizer.steps();
 
         let elapsed = window.started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default();
         let tokens_per_sec = window.target_tokens / elapsed.max(1e-9);
@@ -361,20 +385,35 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                 last_eval = Some((step, loss));
             }
         }
-        let stopping_early = step == end_step && end_step < total_steps;
+        let stopping_early = (step == end_step && end_step < total_steps) || stop_requested;
         if (t.save_steps > 0 && step % t.save_steps == 0) || stopping_early || (step == end_step && t.save_steps > 0) {
+            let rank_files = optimizer.write_rank_files(&settings.out, step, reducer)?;
             if is_writer {
                 let dir = run_folder::save_checkpoint_folder(
                     &settings.out,
                     &decoder,
                     &settings.decoder,
                     &optimizer.state_tensors(),
+                    &rank_files,
                     &state,
                     t.save_total_limit,
                 )?;
                 last_saved_step = Some(step);
                 say(&progress, format!("step {step}: saved {}", dir.display()));
             }
+        }
+        if stop_requested {
+            if let Some(events) = &mut events {
+                events.flush()?;
+            }
+            progress.abandon();
+            if is_writer {
+                eprintln!(
+                    "stopped by SIGINT/SIGTERM after step {step}: checkpoint saved in {}; continue with --resume",
+                    settings.out.display()
+                );
+            }
+            return Ok(());
         }
         if let Some(events) = &mut events {
             events.flush()?;

@@ -1,0 +1,171 @@
+//! `overfill train --dry-run --gpus N --gpu-memory GiB`: the per-GPU memory budget of the recipe's
+//! real shapes, with the optimizer state replicated (plain data parallelism) and sharded (ZeRO-1),
+//! and whether each fits. Nothing is loaded but the two config.json files.
+//!
+//! Bytes per parameter follow `train::optimizer` (bf16: compute weights 2, their gradients 2, fp32
+//! gradient accumulators 4, fp32 masters 4, AdamW moments 8; f32: weights 4 = masters, gradients
+//! 4, moments 8) and `dist::zero` (masters and moments divided by the world size; the step
+//! all-gathers the updated masters into one fp32 vector of all parameters).
+//!
+//! Activations are an upper bound without activation checkpointing, at the recipe's per-device
+//! batch and `max_seq_length` for every row: the frozen full model's K/V of all its layers (read by
+//! the decoder), one layer of its no-grad prefill, the decoder's saved tensors per layer (Llama:
+//! in bf16 about 10·hidden + 3·kv_dim + 4·intermediate values per token, plus two fp32 RMSNorm
+//! inputs), and the logits with their fp32 log-softmax and its gradient.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use overfill_model::config::ModelConfig;
+use overfill_model::prune::{dry_run as prune_dry_run, Width};
+
+use crate::train::config::TrainMode;
+use crate::train::settings::Settings;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One line of the budget.
+struct Item {
+    what: &'static str,
+    replicated: f64,
+    sharded: f64,
+}
+
+pub fn run(settings: &Settings, gpus: usize, gpu_memory_gib: f64) -> Result<()> {
+    if gpus == 0 {
+        bail!("--gpus must be at least 1");
+    }
+    if !(gpu_memory_gib > 0.0) {
+        bail!("--gpu-memory must be a positive number of GiB");
+    }
+    let t = &settings.train;
+    let full = match (&settings.full, t.mode) {
+        (Some(path), TrainMode::Overfill) => Some(read_config(path).context("the full model ([model] path or --full)")?),
+        _ => None,
+    };
+    let (decoder, decoder_source) = match read_config(&settings.decoder) {
+        Ok(config) => (config, format!("{}", settings.decoder.display())),
+        Err(err) => {
+            // Not pruned yet: the shapes calibrate-prune will produce from the full model.
+            let Some(full) = &full else { return Err(err.context("the decoder ([prune] out or --decoder)")) };
+            let prune = &settings.recipe.prune;
+            let width = |kept: Option<usize>, ratio: Option<f64>| match (kept, ratio) {
+                (Some(n), _) => Width::Absolute(n),
+                (None, Some(r)) => Width::Fraction(r),
+                (None, None) => Width::Fraction(0.0),
+            };
+            let (pruned, _) = prune_dry_run(
+                full,
+                width(prune.hidden_size, prune.width_hidden),
+                width(prune.intermediate_size, prune.width_intermediate),
+                prune.round_to,
+            )?;
+            (pruned, format!("the recipe's [prune] widths applied to the full model ({} not found)", settings.decoder.display()))
+        }
+    };
+    let half = match t.dtype.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => false,
+        _ => true,
+    };
+    let compute_bytes = if half { 2.0 } else { 4.0 };
+    let p_dec = decoder.param_count() as f64;
+    let p_full = full.as_ref().map(|c| c.param_count() as f64).unwrap_or(0.0);
+    let n = gpus as f64;
+    let (b, s) = (t.per_device_batch_size as f64, t.max_seq_length as f64);
+
+    let kv_dim = |c: &ModelConfig| (c.num_key_value_heads * c.head_dim) as f64;
+    let activations_full = full.as_ref().map_or(0.0, |c| {
+        let kv_cache = c.num_hidden_layers as f64 * 2.0 * kv_dim(c) * b * s * compute_bytes;
+        let one_layer = b * s * (4.0 * c.hidden_size as f64 + 3.0 * c.intermediate_size as f64) * compute_bytes;
+        kv_cache + one_layer
+    });
+    let per_token_layer = compute_bytes * (10.0 * decoder.hidden_size as f64 + 3.0 * kv_dim(&decoder) + 4.0 * decoder.intermediate_size as f64)
+        + 4.0 * 2.0 * decoder.hidden_size as f64;
+    let activations_decoder = decoder.num_hidden_layers as f64 * b * s * per_token_layer;
+    let logits = b * s * decoder.vocab_size as f64 * (compute_bytes + 4.0 + 4.0);
+
+    let grads = p_dec * if half { 2.0 + 4.0 } else { 4.0 };
+    let masters = if half { p_dec * 4.0 } else { 0.0 };
+    let items = [
+        Item { what: "full model weights (frozen)", replicated: p_full * compute_bytes, sharded: p_full * compute_bytes },
+        Item { what: "decoder weights", replicated: p_dec * compute_bytes, sharded: p_dec * compute_bytes },
+        Item { what: "gradients (+ fp32 accumulators)", replicated: grads, sharded: grads },
+        Item { what: "fp32 master weights", replicated: masters, sharded: p_dec * 4.0 / n },
+        Item { what: "AdamW moments (fp32 m, v)", replicated: p_dec * 8.0, sharded: p_dec * 8.0 / n },
+        Item { what: "activations: full model K/V + prefill", replicated: activations_full, sharded: activations_full },
+        Item { what: "activations: decoder (saved for backward)", replicated: activations_decoder, sharded: activations_decoder },
+        Item { what: "activations: logits + log-softmax + grad", replicated: logits, sharded: logits },
+    ];
+    let states = |sharded: bool| -> f64 { items[..5].iter().map(|i| if sharded { i.sharded } else { i.replicated }).sum() };
+    let activations: f64 = items[5..].iter().map(|i| i.replicated).sum();
+    let peak_replicated = states(false) + activations;
+    // ZeRO-1's step runs after backward (activations freed) with one fp32 vector of all parameters.
+    let gather_buffer = p_dec * 4.0;
+    let peak_sharded = (states(true) + activations).max(states(true) + gather_buffer);
+
+    println!("per-GPU memory budget: {gpus} GPU(s) × {gpu_memory_gib} GiB, {} compute, mode {:?}", if half { "bf16" } else { "f32" }, t.mode);
+    println!(
+        "  full model: {}  ({:.2} B parameters)",
+        settings.full.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        p_full / 1e9
+    );
+    println!(
+        "  decoder: {decoder_source}  ({:.2} B parameters; hidden {}, intermediate {}, {} layers)",
+        p_dec / 1e9,
+        decoder.hidden_size,
+        decoder.intermediate_size,
+        decoder.num_hidden_layers
+    );
+    println!(
+        "  activations at per_device_batch_size {} × max_seq_length {} (upper bound: every row at full length, no activation checkpointing)",
+        t.per_device_batch_size, t.max_seq_length
+    );
+    println!("  {:<44} {:>14} {:>14}", "GiB per GPU", "replicated", "ZeRO-1");
+    for item in &items {
+        println!("  {:<44} {:>14.2} {:>14.2}", item.what, item.replicated / GIB, item.sharded / GIB);
+    }
+    println!("  {:<44} {:>14} {:>14.2}", "ZeRO-1 step: all-gathered fp32 parameters", "-", gather_buffer / GIB);
+    println!("  {:<44} {:>14.2} {:>14.2}", "peak", peak_replicated / GIB, peak_sharded / GIB);
+    let fits = |peak: f64| peak <= gpu_memory_gib * GIB;
+    let verdict = |peak: f64| {
+        if fits(peak) {
+            format!("fits ({:.1} GiB free)", gpu_memory_gib - peak / GIB)
+        } else {
+            format!("does NOT fit ({:.1} GiB over)", peak / GIB - gpu_memory_gib)
+        }
+    };
+    println!("  replicated optimizer (zero_stage = 0): {}", verdict(peak_replicated));
+    println!("  sharded optimizer    (zero_stage = 1): {}", verdict(peak_sharded));
+    let model_states_replicated = states(false);
+    println!(
+        "  why: weights, gradients, masters and moments alone take {:.1} GiB per GPU replicated; ZeRO-1 splits the {:.1} GiB of masters and moments over {gpus} GPUs ({:.1} GiB each)",
+        model_states_replicated / GIB,
+        (masters + p_dec * 8.0) / GIB,
+        (masters + p_dec * 8.0) / n / GIB
+    );
+    if !fits(peak_sharded) {
+        // The largest per-device batch that fits with ZeRO-1, keeping the global batch through
+        // gradient accumulation.
+        let per_row = activations / b.max(1.0);
+        let rows = ((gpu_memory_gib * GIB - states(true)) / per_row).floor();
+        if rows >= 1.0 && fits(states(true) + gather_buffer) {
+            let rows = rows as usize;
+            println!(
+                "  with zero_stage = 1 and per_device_batch_size = {rows} (gradient_accumulation_steps = {} keeps the global batch) it fits: peak {:.1} GiB",
+                (t.per_device_batch_size * t.gradient_accumulation_steps).div_ceil(rows),
+                (states(true) + per_row * rows as f64).max(states(true) + gather_buffer) / GIB
+            );
+        } else {
+            println!("  no per-device batch fits with ZeRO-1 on this GPU: more GPUs, or activation checkpointing / ZeRO-2/3 (not implemented)");
+        }
+    }
+    Ok(())
+}
+
+/// A model's config.json from a checkpoint folder or the file itself.
+fn read_config(path: &Path) -> Result<ModelConfig> {
+    let file: PathBuf = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    if !file.is_file() {
+        bail!("{} not found (give a checkpoint folder or its config.json)", file.display());
+    }
+    ModelConfig::from_file(&file)
+}

@@ -1,0 +1,285 @@
+//! Data-parallel training on CPU (Gloo on loopback), issue 9's acceptance: `overfill launch` with
+//! 2 ranks gives the decoder of one process with the same global batch (plain and ZeRO-1, and under
+//! a torchrun-style environment set by hand); a killed rank stops the job naming it; SIGTERM leaves
+//! a complete checkpoint that `--resume` continues to the uninterrupted run's decoder.
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn overfill(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
+}
+
+fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
+    let out = overfill(cwd, args);
+    assert!(
+        out.status.success(),
+        "overfill {} failed:\n{}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const RECIPE: &str = r#"
+name = "ddp-cli"
+[model]
+path = "full"
+[data]
+shards = "shards"
+tokenizer = "tok"
+template = "llama3"
+[[sources]]
+name = "synthetic"
+path = "raw.json"
+format = "openhermes"
+[preprocess]
+pre_filter_max_seq_length = 1000
+max_seq_length = 1024
+val_size = 10
+seed = 0
+rows_per_shard = 100
+[calibrate]
+calib_size = 8
+batch_size = 4
+max_seq_len = 48
+dtype = "f32"
+device = "cpu"
+[prune]
+width_hidden = 0.5
+width_intermediate = 0.25
+out = "pruned"
+[train]
+device = "cpu"
+dtype = "f32"
+threads = 1
+learning_rate = 1e-3
+warmup_ratio = 0.1
+weight_decay = 0.01
+per_device_batch_size = 2
+gradient_accumulation_steps = 2
+max_seq_length = 1024
+logging_steps = 1
+eval_steps = 0
+eval_max_rows = 8
+save_steps = 0
+collective_timeout_secs = 60
+"#;
+
+/// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = tmp.join(format!("ddp-cli-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        overfill_ok(&dir, &["synth-data", "--tokenizer-out", "tok"]);
+        overfill_ok(&dir, &["synth-data", "--format", "openhermes", "--rows", "80", "--seed", "3", "--out", "raw.json"]);
+        let config = repo_root().join("configs/models/tiny-llama.json");
+        overfill_ok(&dir, &["init-model", "--config", config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
+        std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
+        overfill_ok(&dir, &["preprocess", "--config", "recipe.toml"]);
+        overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
+        dir
+    })
+}
+
+fn log_lines(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("log.jsonl")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// (step, grad_norm) of every logged training step.
+fn grad_norms(run: &Path) -> Vec<(u64, f64)> {
+    log_lines(run)
+        .iter()
+        .filter(|l| l.get("grad_norm").is_some())
+        .map(|l| (l["step"].as_u64().unwrap(), l["grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join("model.safetensors")).unwrap().into_iter().collect()
+}
+
+/// Largest |a - b| over all weights of two decoders.
+fn max_weight_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().map(|(name, t)| (t - &b[name]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+fn assert_same_run(reference: &Path, run: &Path, what: &str) {
+    let (want, got) = (grad_norms(reference), grad_norms(run));
+    assert_eq!(want.len(), got.len(), "{what}: logged steps differ: {want:?} vs {got:?}");
+    for ((s1, g1), (s2, g2)) in want.iter().zip(&got) {
+        assert_eq!(s1, s2);
+        assert!((g1 - g2).abs() <= 1e-4 * g1.abs(), "{what}: step {s1} pre-clip grad norm {g2} vs one process {g1}");
+    }
+    let diff = max_weight_difference(&reference.join("final"), &run.join("final"));
+    assert!(diff <= 5e-5, "{what}: final decoder differs from one process by {diff}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn two_ranks_train_the_decoder_of_one_process_with_the_same_global_batch() {
+    let dir = fixture();
+    // Global batch 8 rows: 2 per micro-batch × 4 accumulation × 1 rank ...
+    overfill_ok(dir, &["train", "--config", "recipe.toml", "--out", "single", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "3"]);
+    // ... = 2 × 2 × 2 ranks.
+    let launch = ["launch", "--nproc-per-node", "2", "--", "train", "--config", "recipe.toml", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3"];
+    let out = overfill_ok(dir, &[&launch[..], &["--out", "ddp"]].concat());
+    assert!(out.is_empty() || out.lines().all(|l| l.starts_with("[rank")), "rank output is prefixed: {out}");
+    assert_same_run(&dir.join("single"), &dir.join("ddp"), "2 ranks");
+    assert!(!dir.join("ddp/checkpoint-3").exists() || dir.join("ddp/checkpoint-3/optimizer.safetensors").exists());
+
+    overfill_ok(dir, &[&launch[..], &["--out", "ddp-zero1", "--set", "train.zero_stage=1"]].concat());
+    assert_same_run(&dir.join("single"), &dir.join("ddp-zero1"), "2 ranks with ZeRO-1");
+
+    // torchrun's environment set by hand: the binary needs no launcher.
+    let port = free_port().to_string();
+    let ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_overfill"))
+                .current_dir(dir)
+                .args(["train", "--config", "recipe.toml", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--out", "torchrun"])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in ranks {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "torchrun-style rank failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_same_run(&dir.join("single"), &dir.join("torchrun"), "torchrun environment");
+}
+
+/// Starts `overfill launch` with piped output; returns it and a thread collecting its stderr.
+fn spawn_launch(dir: &Path, args: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    (child, reader)
+}
+
+/// Waits until the run has logged `step`; panics after `limit`.
+fn wait_for_step(run: &Path, step: u64, child: &mut Child, limit: Duration) {
+    let started = Instant::now();
+    while grad_norms(run).last().map(|s| s.0).unwrap_or(0) < step {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before step {step}");
+        assert!(started.elapsed() < limit, "no step {step} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_with_limit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The ranks of a launcher: its children, in spawn order (rank 0 first).
+fn rank_pids(launcher: u32) -> Vec<i32> {
+    let started = Instant::now();
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).unwrap_or_default();
+        let pids: Vec<i32> = children.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        if pids.len() == 2 || started.elapsed() > Duration::from_secs(30) {
+            return pids;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_with_a_message_naming_it() {
+    let dir = fixture();
+    let (mut launcher, stderr) = spawn_launch(
+        dir,
+        &["launch", "--nproc-per-node", "2", "--", "train", "--config", "recipe.toml", "--out", "killed", "--set", "train.num_epochs=100"],
+    );
+    let pids = rank_pids(launcher.id());
+    assert_eq!(pids.len(), 2, "two ranks");
+    wait_for_step(&dir.join("killed"), 2, &mut launcher, Duration::from_secs(120));
+    let killed_at = Instant::now();
+    // SAFETY: kill(2) on a rank this test started (through the launcher).
+    unsafe { libc::kill(pids[1], libc::SIGKILL) };
+    let status = wait_with_limit(&mut launcher, Duration::from_secs(60));
+    assert!(killed_at.elapsed() < Duration::from_secs(60));
+    assert!(!status.success(), "the launcher must fail");
+    let stderr = stderr.join().unwrap();
+    assert!(stderr.contains("rank 1 failed first") && stderr.contains("SIGKILL"), "launcher names the dead rank:\n{stderr}");
+    // Rank 0 exits non-zero by itself, naming its dead peer.
+    assert!(
+        stderr.lines().any(|l| l.starts_with("[rank0]") && l.contains("rank 1 (pid")),
+        "rank 0 names the dead rank:\n{stderr}"
+    );
+    assert!(stderr.contains("rank 0: exited with status"), "rank 0 exits non-zero on its own:\n{stderr}");
+}
+
+#[test]
+fn sigterm_checkpoints_every_rank_and_resume_matches_an_uninterrupted_run() {
+    let dir = fixture();
+    let base = ["launch", "--nproc-per-node", "2", "--", "train", "--config", "recipe.toml", "--set", "train.num_epochs=20", "--set", "train.zero_stage=1"];
+    let steps = "60";
+    overfill_ok(dir, &[&base[..], &["--out", "whole", "--max-steps", steps]].concat());
+
+    let (mut launcher, stderr) = spawn_launch(dir, &[&base[..], &["--out", "stopped", "--max-steps", steps]].concat());
+    wait_for_step(&dir.join("stopped"), 3, &mut launcher, Duration::from_secs(120));
+    // SAFETY: kill(2) on the launcher this test started.
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let status = wait_with_limit(&mut launcher, Duration::from_secs(60));
+    let stderr = stderr.join().unwrap();
+    assert!(status.success(), "SIGTERM: every rank checkpoints and exits 0:\n{stderr}");
+    let stopped_at = grad_norms(&dir.join("stopped")).last().unwrap().0;
+    assert!(stopped_at < 60, "the run stopped early (at step {stopped_at})");
+    let checkpoint = dir.join(format!("stopped/checkpoint-{stopped_at}"));
+    for file in ["model.safetensors", "trainer_state.json", "optimizer-rank-0-of-2.safetensors", "optimizer-rank-1-of-2.safetensors"] {
+        assert!(checkpoint.join(file).exists(), "{} lacks {file}", checkpoint.display());
+    }
+    assert!(!dir.join("stopped/final").exists(), "no final decoder from a stopped run");
+
+    overfill_ok(dir, &[&base[..], &["--out", "stopped", "--max-steps", steps, "--resume"]].concat());
+    let diff = max_weight_difference(&dir.join("whole/final"), &dir.join("stopped/final"));
+    assert_eq!(diff, 0.0, "resumed decoder differs from the uninterrupted run by {diff}");
+    assert_eq!(grad_norms(&dir.join("whole")), grad_norms(&dir.join("stopped")));
+}
