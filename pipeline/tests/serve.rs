@@ -470,7 +470,7 @@ fn openai_client_and_lm_eval_against_the_server() {
     let out_dir = tempfile::tempdir().unwrap();
     // The default tokenizer_backend (auto) finds the server's /tokenizer_info and /tokenize and
     // sends prompts as token ids of that tokenizer (no special tokens added).
-    for (run_name, kind, endpoint, extra) in [
+    let runs = [
         (
             "text",
             "local-completions",
@@ -479,36 +479,52 @@ fn openai_client_and_lm_eval_against_the_server() {
         ),
         ("ids", "local-completions", "/v1/completions", ""),
         ("chat", "local-chat-completions", "/v1/chat/completions", ""),
-    ] {
-        let output_path = out_dir.path().join(run_name);
-        let mut cmd = Command::new(&lm_eval);
-        cmd.current_dir(repo_root())
-            .env("HF_HUB_OFFLINE", "1")
-            .env("HF_DATASETS_OFFLINE", "1")
-            .env("HF_HOME", out_dir.path().join("hf"))
-            .args(["--model", kind, "--model_args"])
-            .arg(format!(
-                "base_url={}{endpoint},model=tiny{extra}",
-                server.base()
-            ))
-            .args([
-                "--tasks",
-                "add_gen",
-                "--include_path",
-                "tests/lm_eval",
-                "--log_samples",
-                "--output_path",
-            ])
-            .arg(&output_path);
-        if kind == "local-chat-completions" {
-            cmd.arg("--apply_chat_template");
-        }
-        let run = cmd.output().unwrap();
+    ];
+    // The three runs go together (the server batches them; lm_eval's start-up is most of it).
+    let children: Vec<(Child, PathBuf)> = runs
+        .iter()
+        .map(|(run_name, kind, endpoint, extra)| {
+            let log = out_dir.path().join(format!("{run_name}.log"));
+            let log_file = std::fs::File::create(&log).unwrap();
+            let mut cmd = Command::new(&lm_eval);
+            cmd.current_dir(repo_root())
+                .env("HF_HUB_OFFLINE", "1")
+                .env("HF_DATASETS_OFFLINE", "1")
+                .env("HF_HOME", out_dir.path().join(format!("hf-{run_name}")))
+                .args(["--model", kind, "--model_args"])
+                .arg(format!(
+                    "base_url={}{endpoint},model=tiny{extra}",
+                    server.base()
+                ))
+                .args([
+                    "--tasks",
+                    "add_gen",
+                    "--include_path",
+                    "tests/lm_eval",
+                    "--log_samples",
+                    "--output_path",
+                ])
+                .arg(out_dir.path().join(run_name))
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file);
+            if *kind == "local-chat-completions" {
+                cmd.arg("--apply_chat_template");
+            }
+            (cmd.spawn().unwrap(), log)
+        })
+        .collect();
+    let statuses: Vec<_> = children
+        .into_iter()
+        .map(|(mut child, log)| (child.wait().unwrap(), log))
+        .collect();
+    for ((run_name, kind, endpoint, _), (status, log)) in runs.iter().zip(statuses) {
+        let (run_name, kind, endpoint) = (*run_name, *kind, *endpoint);
         assert!(
-            run.status.success(),
-            "lm_eval {kind}:\n{}",
-            String::from_utf8_lossy(&run.stderr)
+            status.success(),
+            "lm_eval {kind} ({run_name}):\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
+        let output_path = out_dir.path().join(run_name);
         let results = find_file(&output_path, "results_");
         let results: Value =
             serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
