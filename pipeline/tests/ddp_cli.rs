@@ -283,3 +283,25 @@ fn sigterm_checkpoints_every_rank_and_resume_matches_an_uninterrupted_run() {
     assert_eq!(diff, 0.0, "resumed decoder differs from the uninterrupted run by {diff}");
     assert_eq!(grad_norms(&dir.join("whole")), grad_norms(&dir.join("stopped")));
 }
+
+#[test]
+fn dry_run_budget_of_8b_3b_on_8_gpus_says_only_zero1_fits() {
+    let config = Path::new("/work/shared/fixtures/model-configs/Llama-3.1-8B-Instruct.json");
+    if !config.exists() {
+        eprintln!("skipped: {} is absent", config.display());
+        return;
+    }
+    let recipe = repo_root().join("configs/8b-3b.toml");
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["train", "--config", recipe.to_str().unwrap(), "--full", config.to_str().unwrap(), "--dry-run", "--gpus", "8", "--gpu-memory", "80"];
+    let out = overfill_ok(tmp.path(), &args);
+    // The decoder is the recipe's pruned shape (Table 1: 3.19 B), derived from the full config.
+    assert!(out.contains("(3.19 B parameters; hidden 2334, intermediate 8171, 32 layers)"), "{out}");
+    assert!(out.contains("(8.03 B parameters)"), "{out}");
+    assert!(out.contains("replicated optimizer (zero_stage = 0): does NOT fit"), "{out}");
+    assert!(out.contains("with zero_stage = 1, per_device_batch_size = 2 and gradient_accumulation_steps = 4"), "{out}");
+    // On one GPU, masters and moments are not split: nothing fits.
+    let one = overfill_ok(tmp.path(), &[&args[..5], &["--dry-run", "--gpus", "1", "--gpu-memory", "80"]].concat());
+    assert!(one.contains("sharded optimizer    (zero_stage = 1): does NOT fit"), "{one}");
+    assert!(one.contains("no per-device batch fits"), "{one}");
+}

@@ -146,12 +146,14 @@ pub fn run(settings: &Settings, gpus: usize, gpu_memory_gib: f64) -> Result<()> 
         // The largest per-device batch that fits with ZeRO-1, keeping the global batch through
         // gradient accumulation.
         let per_row = activations / b.max(1.0);
-        let rows = ((gpu_memory_gib * GIB - states(true)) / per_row).floor();
-        if rows >= 1.0 && fits(states(true) + gather_buffer) {
-            let rows = rows as usize;
+        let max_rows = ((gpu_memory_gib * GIB - states(true)) / per_row).floor();
+        // A per-device batch dividing this rank's rows per step, so accumulation keeps the global batch.
+        let rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps;
+        let rows = (1..=rows_per_step).rev().find(|&r| rows_per_step % r == 0 && (r as f64) <= max_rows);
+        if let Some(rows) = rows.filter(|_| fits(states(true) + gather_buffer)) {
             println!(
-                "  with zero_stage = 1 and per_device_batch_size = {rows} (gradient_accumulation_steps = {} keeps the global batch) it fits: peak {:.1} GiB",
-                (t.per_device_batch_size * t.gradient_accumulation_steps).div_ceil(rows),
+                "  with zero_stage = 1, per_device_batch_size = {rows} and gradient_accumulation_steps = {} (the same global batch) it fits: peak {:.1} GiB",
+                rows_per_step / rows,
                 (states(true) + per_row * rows as f64).max(states(true) + gather_buffer) / GIB
             );
         } else {
