@@ -445,8 +445,10 @@ impl Engine {
         let ones = Tensor::ones([rows, 1], (Kind::Int64, device));
         let mask = Tensor::cat(&[cached_mask, &ones], 1);
         let model = self.models.decode.as_ref().unwrap_or(&self.models.prefill);
+        // Every running row's last id was sampled from the models' shared vocabulary (a row
+        // enters the batch with its first token): no per-step range check, no device sync.
         let logits = model
-            .forward(&ids, &positions, &mask, Some(cache))
+            .forward_sampled(&ids, &positions, &mask, cache)
             .context("decode step")?
             .select(1, 0); // [B, V]
         let mut batch = std::mem::take(&mut self.rows);
