@@ -95,13 +95,14 @@ pub struct Dist {
     host: String,
 }
 
-/// Publishes this rank's collective count to the store every `HEARTBEAT` while it changes.
+/// Publishes this rank's collective count to the store every `HEARTBEAT` while it changes (each
+/// store write is a round trip to rank 0's store thread; once a second costs nothing measurable).
 struct Heartbeat {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-const HEARTBEAT: Duration = Duration::from_millis(200);
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl Heartbeat {
     fn start(group: Arc<ffi::Group>, rank: usize, calls: Arc<AtomicU64>) -> Heartbeat {
@@ -270,6 +271,8 @@ impl Dist {
     /// dead elsewhere); rank 0 is named when the store it hosts no longer answers.
     fn diagnose(&self) -> String {
         let Some(group) = &self.group else { return String::new() };
+        // Let live peers' heartbeats publish their latest counts before comparing.
+        std::thread::sleep(2 * HEARTBEAT);
         let mine = self.calls.load(Ordering::Relaxed);
         let mut gone = Vec::new();
         let mut behind = Vec::new();
@@ -320,4 +323,51 @@ fn process_alive(pid: &str) -> bool {
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        DistEnv::from_lookup(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn torchrun_then_slurm_variables_then_single_process() {
+        assert_eq!(env(&[]).unwrap(), None);
+        let torchrun = env(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")]).unwrap().unwrap();
+        assert_eq!((torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr.as_str(), torchrun.master_port), (3, 8, 1, "node0", 1234));
+        assert_eq!(torchrun.source, "torchrun");
+        // torchrun's variables win over SLURM's (torchrun inside an allocation).
+        let both = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16")]).unwrap().unwrap();
+        assert_eq!((both.rank, both.world_size, both.master_port), (0, 2, DEFAULT_MASTER_PORT));
+        let slurm = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "n0"), ("MASTER_PORT", "29600")]).unwrap().unwrap();
+        assert_eq!((slurm.rank, slurm.world_size, slurm.local_rank, slurm.source), (5, 16, 1, "slurm"));
+        // One SLURM task needs no rendezvous address.
+        let one = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap().unwrap();
+        assert_eq!((one.world_size, one.master_addr.as_str()), (1, "127.0.0.1"));
+    }
+
+    #[test]
+    fn inconsistent_environments_are_errors_naming_the_variable() {
+        let err = |vars: &[(&str, &str)]| format!("{:#}", env(vars).unwrap_err());
+        assert!(err(&[("RANK", "0")]).contains("RANK and WORLD_SIZE"));
+        assert!(err(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a")]).contains("rank 2 is outside the world size 2"));
+        assert!(err(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("RANK=\"x\""));
+        assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2")]).contains("MASTER_ADDR"));
+        assert!(err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).contains("set MASTER_ADDR"));
+        assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "99999")]).contains("MASTER_PORT"));
+    }
+
+    #[test]
+    fn world_size_one_reduces_to_identities() {
+        let dist = Dist::single();
+        let t = Tensor::from_slice(&[1.0f32, 2.0]);
+        dist.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
+        let mut v = [3.0];
+        dist.all_reduce_f64(&mut v).unwrap();
+        assert_eq!((Vec::<f32>::try_from(&t).unwrap(), v[0]), (vec![1.0, 2.0], 3.0));
+    }
 }
