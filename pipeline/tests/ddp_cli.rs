@@ -81,6 +81,7 @@ fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_fixtures_of_finished_runs(tmp);
         let dir = tmp.join(format!("ddp-cli-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -93,6 +94,19 @@ fn fixture() -> &'static Path {
         overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
         dir
     })
+}
+
+/// Fixture folders of earlier test processes that are gone (a concurrent run's folder stays).
+fn remove_fixtures_of_finished_runs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.strip_prefix("ddp-cli-").and_then(|p| p.parse::<u32>().ok()) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 fn log_lines(run: &Path) -> Vec<serde_json::Value> {
@@ -254,6 +268,32 @@ fn a_killed_rank_stops_the_job_with_a_message_naming_it() {
         "rank 0 names the dead rank:\n{stderr}"
     );
     assert!(stderr.contains("rank 0: exited with status"), "rank 0 exits non-zero on its own:\n{stderr}");
+}
+
+#[test]
+fn a_hung_rank_makes_the_others_fail_after_the_collective_timeout_naming_it() {
+    let dir = fixture();
+    let (mut launcher, stderr) = spawn_launch(
+        dir,
+        &[
+            "launch", "--nproc-per-node", "2", "--grace-period", "5", "--", "train", "--config", "recipe.toml", "--out", "hung",
+            "--set", "train.num_epochs=100", "--set", "train.collective_timeout_secs=5",
+        ],
+    );
+    let pids = rank_pids(launcher.id());
+    assert_eq!(pids.len(), 2, "two ranks");
+    wait_for_step(&dir.join("hung"), 2, &mut launcher, Duration::from_secs(120));
+    // SIGSTOP: rank 1 stays alive but never reaches its next collective.
+    // SAFETY: kill(2) on a rank this test started (through the launcher).
+    unsafe { libc::kill(pids[1], libc::SIGSTOP) };
+    let status = wait_with_limit(&mut launcher, Duration::from_secs(60));
+    assert!(!status.success());
+    let stderr = stderr.join().unwrap();
+    assert!(
+        stderr.lines().any(|l| l.starts_with("[rank0]") && l.contains("rank 1 is behind")),
+        "rank 0 names the hung rank:\n{stderr}"
+    );
+    assert!(stderr.contains("rank 0 failed first"), "{stderr}");
 }
 
 #[test]
