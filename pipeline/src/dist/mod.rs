@@ -88,6 +88,8 @@ pub struct Dist {
     group: Option<Arc<ffi::Group>>,
     bucket_bytes: usize,
     timeout: Duration,
+    /// Where host values travel for a reduction (NCCL reduces CUDA tensors only).
+    device: Device,
     /// Collectives issued so far, published to the store by the heartbeat thread (a store write
     /// per collective would cost milliseconds each) for fault diagnosis.
     calls: Arc<AtomicU64>,
@@ -137,7 +139,7 @@ impl Drop for Heartbeat {
 impl Dist {
     /// One process, no communication: every collective is the identity.
     pub fn single() -> Dist {
-        Dist { rank: 0, world_size: 1, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, calls: Arc::default(), heartbeat: None, host: host_name() }
+        Dist { rank: 0, world_size: 1, group: None, bucket_bytes: DEFAULT_BUCKET_BYTES, timeout: Duration::ZERO, device: Device::Cpu, calls: Arc::default(), heartbeat: None, host: host_name() }
     }
 
     /// Joins the job the environment describes (world size 1 when it describes none), with the
@@ -176,6 +178,10 @@ impl Dist {
             group: Some(Arc::new(group)),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             timeout,
+            device: match device {
+                Device::Cuda(_) => device,
+                _ => Device::Cpu,
+            },
             calls: Arc::default(),
             heartbeat: None,
             host: host_name(),
@@ -213,9 +219,9 @@ impl Dist {
         if self.group.is_none() || values.is_empty() {
             return Ok(());
         }
-        let t = Tensor::from_slice(values).to_kind(Kind::Double);
+        let t = Tensor::from_slice(values).to_kind(Kind::Double).to_device(self.device);
         self.all_reduce_sum(std::slice::from_ref(&t))?;
-        let summed: Vec<f64> = Vec::try_from(&t).context("reading back the all-reduced values")?;
+        let summed: Vec<f64> = Vec::try_from(&t.to_device(Device::Cpu)).context("reading back the all-reduced values")?;
         values.copy_from_slice(&summed);
         Ok(())
     }
