@@ -44,6 +44,10 @@ fn main() {
     let nvidia = libtorch.join("../nvidia");
     let nccl_include = nvidia.join("nccl/include");
     let cuda_include = nvidia.join("cu13/include");
+    // Installing the header wheels later (scripts/setup.sh) adds crt/ and nv/ here: rebuild then.
+    if cuda_include.is_dir() {
+        println!("cargo:rerun-if-changed={}", cuda_include.display());
+    }
     let with_nccl = lib_dir.join("libtorch_cuda.so").exists()
         && nccl_include.join("nccl.h").exists()
         && cuda_include.join("crt/host_config.h").exists()
