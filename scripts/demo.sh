@@ -1,34 +1,193 @@
 #!/usr/bin/env bash
-# `just demo`: the whole pipeline, as far as it is built, on a small synthetic default (recipe
-# configs/tiny.toml), CPU only, no downloads. Everything lands under work/tiny/.
+# `just demo`: the paper's claim at small scale, end to end, on a CPU, with no download.
+#
+#   1. data: instruction tasks whose answers depend on the prompt (key-value lookup among
+#      distractors, addition, list reversal, span copy) as OpenHermes JSON and Infinity Parquet
+#      (with German rows the language filter drops), held-out prompts with answers, and a BPE
+#      tokenizer with the Llama 3 special tokens trained on them
+#   2. a small "full" model trained from scratch (init-model, train --mode sft; configs/demo-full.toml)
+#   3. preprocess, calibrate-prune at P = 0.5 (configs/demo.toml)
+#   4. the OverFill decoder and the Pruned baseline: the same pruned checkpoint, data and steps
+#   5. held-out target loss (eval-loss), exact match per task and decode tokens/s (eval-tasks),
+#      OverFill with --refresh-every, the latency plot (bench-latency), and a Table-2-style table
+#
+# Everything lands in one run folder (default work/demo/, or work/demo-quick/ with --quick):
+# raw/, tokenizer/, shards*/, runs/{full,overfill,pruned}/ (TensorBoard events: `just tensorboard`),
+# eval/, latency/, results.md, summary.json. Each stage leaves a marker in .stages/ holding a key of
+# its command, the recipes and the stages before it: a rerun skips finished stages and redoes a
+# stage (and everything after it) whose inputs changed; an interrupted training run resumes from its
+# newest checkpoint.
+#
+# Usage: scripts/demo.sh [--quick] [--out DIR]
+#   --quick   the same path on less data (fewer rows, so fewer steps per epoch): CI runs it
+#   --out DIR the run folder
+# The binary is built with cargo unless OVERFILL_BIN names one.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-overfill() { cargo run --release --quiet -p overfill -- "$@"; }
-work=work/tiny
-mkdir -p "$work/raw"
+quick=0
+work=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --out) work="${2:?--out needs a folder}"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "demo.sh: unknown argument $1 (--quick, --out DIR)" >&2; exit 2 ;;
+    esac
+    shift
+done
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-
-step "1/5 synthetic data and a small byte-level tokenizer"
-overfill synth-data --tokenizer-out "$work/tokenizer"
-overfill synth-data --format openhermes --rows 2000 --seed 0 --out "$work/raw/openhermes.json"
-
-step "2/5 preprocess: chat template + tokenize into context/target shards"
-overfill preprocess --config configs/tiny.toml
-overfill inspect "$work/shards" --examples 2
-
-step "3/5 a tiny random full model (Llama architecture)"
-if [ ! -f "$work/full/config.json" ]; then
-    overfill init-model --config configs/models/tiny-llama.json --out "$work/full" --seed 0
+# The data sizes decide the number of steps (every recipe trains one epoch); everything else is
+# in the recipes. Rows: OpenHermes JSON rows, Infinity Parquet rows (a quarter of them German).
+if [ "$quick" = 1 ]; then
+    work="${work:-$repo/work/demo-quick}"
+    json_rows=9000; parquet_rows=3000; heldout_per_task=20
+    latency_args=(--sweeps gen --gen-lengths 8,32 --warmup 1 --runs 2)
+else
+    work="${work:-$repo/work/demo}"
+    json_rows=40000; parquet_rows=10000; heldout_per_task=50
+    latency_args=(--sweeps gen,batch --gen-lengths 8,16,32,64,128 --batch-sizes 1,4,16 --warmup 1 --runs 5)
 fi
-cp "$work/tokenizer/"tokenizer*.json "$work/full/"
 
-step "4/5 calibrate and width-prune (every head and layer kept)"
-overfill calibrate-prune --config configs/tiny.toml
+if [ -n "${OVERFILL_BIN:-}" ]; then
+    bin="$OVERFILL_BIN"
+else
+    (cd "$repo" && cargo build --release --quiet -p overfill)
+    bin="${CARGO_TARGET_DIR:-$repo/target}/release/overfill"
+    case "$bin" in /*) ;; *) bin="$repo/$bin" ;; esac
+fi
+# The models are small: libtorch's kernels on 128-wide matrices gain little from a second thread,
+# and two threads fighting for two busy cores are several times slower than one. Every command
+# runs on one thread (the recipes' threads = 1 says the same for training); the two decoder
+# trainings run side by side instead.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+python="$repo/.venv/bin/python"
+[ -x "$python" ] || python=python3
 
-step "5/5 generate with the full and the pruned model (random weights: the text is noise; the point is that both load and decode)"
-overfill generate --model "$work/full" --prompt "Hello" --max-new-tokens 8 --json
-overfill generate --model "$work/pruned" --prompt "Hello" --max-new-tokens 8 --json
+mkdir -p "$work/.stages" "$work/eval"
+cd "$work"
+recipes_key="$(cat "$repo/configs/demo.toml" "$repo/configs/demo-full.toml" "$repo/configs/demo-full-sft.jinja" \
+    "$repo/configs/models/demo-llama.json" | sha256sum | cut -c1-16)"
+started=$SECONDS
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# stage NAME RESUMABLE "OUTPUTS" CMD...: run CMD unless .stages/NAME holds this stage's key (its
+# command, the recipes and the previous stage's key). A stage whose key changed starts over (its
+# OUTPUTS are removed first); an interrupted resumable stage keeps its outputs (training resumes).
+prev_key="$recipes_key"
+stage() {
+    local name="$1" resumable="$2" outputs="$3"
+    shift 3
+    local key
+    key="$(printf '%s\n' "$prev_key" "$*" | sha256sum | cut -c1-16)"
+    prev_key="$key"
+    if [ "$(cat ".stages/$name" 2>/dev/null)" = "$key" ]; then
+        echo "   $name: up to date (.stages/$name)"
+        return
+    fi
+    if [ -f ".stages/$name" ] || [ "$resumable" = 0 ]; then
+        # shellcheck disable=SC2086 # OUTPUTS is a list of relative paths without spaces
+        rm -rf $outputs
+    fi
+    rm -f ".stages/$name"
+    "$@"
+    echo "$key" > ".stages/$name"
+}
+
+say "1/6 data: tasks (OpenHermes JSON + Infinity Parquet with German rows), held-out prompts, BPE tokenizer"
+cp "$repo/configs/demo-full-sft.jinja" full-sft.jinja
+stage data 0 "raw tokenizer heldout.jsonl" bash -c "
+    '$bin' synth-data --tasks --format openhermes --rows $json_rows --seed 0 --out raw/tasks.json &&
+    '$bin' synth-data --tasks --format infinity --rows $parquet_rows --seed 1 --non-english 0.25 --out raw/tasks-infinity.parquet &&
+    '$bin' synth-data --heldout-out heldout.jsonl --heldout-per-task $heldout_per_task --seed 2 &&
+    '$bin' synth-data --bpe-tokenizer-out tokenizer --vocab-size 512 --seed 0"
+
+say "2/6 the full model from scratch: init-model, preprocess (context ends at the header), train --mode sft"
+stage init 0 "full-init" "$bin" init-model --config "$repo/configs/models/demo-llama.json" --out full-init --seed 0 --tokenizer tokenizer
+stage preprocess-full 1 "shards-full" "$bin" preprocess --config "$repo/configs/demo-full.toml"
+stage train-full 1 "runs/full" "$bin" train --config "$repo/configs/demo-full.toml" --resume
+
+say "3/6 preprocess (llama3 template) and calibrate-prune at P = 0.5"
+stage preprocess 1 "shards" "$bin" preprocess --config "$repo/configs/demo.toml"
+"$bin" inspect shards --examples 1 2>&1 | tail -n 6
+stage prune 0 "pruned" "$bin" calibrate-prune --config "$repo/configs/demo.toml"
+
+say "4/6 train the OverFill decoder and the Pruned baseline (same pruned checkpoint, data and steps)"
+# Side by side, one thread each, each line prefixed with its run.
+stage train-decoders 1 "runs/overfill runs/pruned" bash -c "
+    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode overfill --out runs/overfill --resume 2>&1 | sed -u 's/^/[overfill] /' ) & a=\$!
+    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode pruned --out runs/pruned --resume 2>&1 | sed -u 's/^/[pruned]   /' ) & b=\$!
+    wait \$a; sa=\$?; wait \$b; sb=\$?; exit \$((sa | sb))"
+
+say "5/6 evaluate: held-out target loss, exact match per task, decode tokens/s"
+full=runs/full/final
+stage eval-loss 0 "eval/loss-*.json" bash -c "
+    json_to() { f=\$1; shift; \"\$@\" | tail -n 1 > \$f.tmp && mv \$f.tmp \$f; } &&
+    json_to eval/loss-full.json '$bin' eval-loss --mode sft --decoder $full --data shards --device cpu --json &&
+    json_to eval/loss-pruned.json '$bin' eval-loss --mode pruned --decoder runs/pruned/final --data shards --device cpu --json &&
+    json_to eval/loss-overfill.json '$bin' eval-loss --mode overfill --full $full --decoder runs/overfill/final --data shards --device cpu --json &&
+    json_to eval/loss-pruned-step0.json '$bin' eval-loss --mode pruned --decoder pruned --data shards --device cpu --json &&
+    json_to eval/loss-overfill-step0.json '$bin' eval-loss --mode overfill --full $full --decoder pruned --data shards --device cpu --json"
+stage eval-tasks 0 "eval/tasks-*.json eval/answers-*.jsonl" bash -c "
+    json_to() { f=\$1; shift; \"\$@\" | tail -n 1 > \$f.tmp && mv \$f.tmp \$f; } &&
+    json_to eval/tasks-full.json '$bin' eval-tasks --model $full --input heldout.jsonl --out eval/answers-full.jsonl --json &&
+    json_to eval/tasks-pruned.json '$bin' eval-tasks --model runs/pruned/final --input heldout.jsonl --out eval/answers-pruned.jsonl --json &&
+    json_to eval/tasks-overfill.json '$bin' eval-tasks --model $full --decoder runs/overfill/final --input heldout.jsonl --out eval/answers-overfill.jsonl --json &&
+    json_to eval/tasks-overfill-refresh.json '$bin' eval-tasks --model $full --decoder runs/overfill/final --refresh-every 2 --input heldout.jsonl --out eval/answers-overfill-refresh.jsonl --json"
+
+say "6/6 latency plot (full vs pruned vs OverFill decode)"
+if "$bin" bench-latency --help >/dev/null 2>&1; then
+    stage latency 0 "latency" "$bin" bench-latency --model "$full" --decoder runs/overfill/final --device cpu \
+        --prompt-len 32 --batch 4 "${latency_args[@]}" --out latency
+else
+    echo "   overfill bench-latency is not in this build: no latency plot"
+fi
+
+"$python" - "$work" "$quick" <<'EOF'
+import json, os, sys
+work, quick = sys.argv[1], sys.argv[2] == "1"
+def load(name):
+    with open(os.path.join(work, "eval", name)) as f:
+        return json.load(f)
+tasks = ["lookup", "add", "reverse", "copy", "recall"]
+systems = [
+    ("Full (prefill + decode)", "full", "full"),
+    ("Pruned (P = 0.5)", "pruned", "pruned"),
+    ("OverFill", "overfill", "overfill"),
+    ("OverFill, refresh every 2", "overfill-refresh", None),
+]
+summary = {"quick": quick, "systems": {}}
+lines = [
+    "| system | decoder params | " + " | ".join(tasks) + " | all | target loss | decode tok/s |",
+    "|---|---:|" + "---:|" * (len(tasks) + 3),
+]
+for label, tasks_name, loss_name in systems:
+    t = load(f"tasks-{tasks_name}.json")
+    loss = load(f"loss-{loss_name}.json")["loss"] if loss_name else None
+    accuracy = {k: t["tasks"][k]["accuracy"] if k in t["tasks"] else None for k in tasks}
+    summary["systems"][tasks_name] = {
+        "decoder_parameters": t["decoder_parameters"], "accuracy": accuracy, "accuracy_all": t["accuracy"],
+        "target_loss": loss, "decode_tokens_per_second": t["decode_tokens_per_second"],
+    }
+    cells = ["–" if accuracy[k] is None else f"{100 * accuracy[k]:.1f}" for k in tasks] + [f"{100 * t['accuracy']:.1f}"]
+    lines.append(f"| {label} | {t['decoder_parameters'] / 1e3:.0f}K | " + " | ".join(cells)
+                 + f" | {'' if loss is None else f'{loss:.4f}'} | {t['decode_tokens_per_second']:.0f} |")
+for name in ["pruned-step0", "overfill-step0"]:
+    summary[f"target_loss_{name.replace('-', '_')}"] = load(f"loss-{name}.json")["loss"]
+of, pr = summary["systems"]["overfill"]["target_loss"], summary["systems"]["pruned"]["target_loss"]
+summary["overfill_below_pruned"] = of < pr
+table = "\n".join(lines)
+note = (f"Held-out target loss (y1..yN, {load('loss-overfill.json')['tokens']} tokens of the val split): "
+        f"OverFill {of:.4f} vs Pruned {pr:.4f} ({'lower' if of < pr else 'NOT lower'}); before decoder training "
+        f"{summary['target_loss_overfill_step0']:.4f} vs {summary['target_loss_pruned_step0']:.4f}. "
+        f"Exact match in % on {load('tasks-full.json')['total']} held-out prompts; decode tok/s: greedy, batch 32, CPU.")
+with open(os.path.join(work, "results.md"), "w") as f:
+    f.write(table + "\n\n" + note + "\n")
+with open(os.path.join(work, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print("\n" + table + "\n\n" + note)
+EOF
 echo
-echo "demo: done (outputs under $work/)"
+echo "demo: done in $((SECONDS - started)) s; everything is in $work (results.md, summary.json, eval/, runs/, latency/)"
+echo "      TensorBoard: just tensorboard   (or .venv/bin/tensorboard --logdir $work/runs)"

@@ -31,25 +31,59 @@ use crate::synth::{llama3_tokenizer_config, SynthRow};
 /// The four task families, in the order tables list them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
-    /// `q=482 b=107 ... What is b?` → `Answer: 107` (associative recall among distractors).
+    /// `Keys: q=482 b=107 .... What is b?` → `Answer: 107` (associative recall among distractors).
     Lookup,
     /// `What is 47 + 385?` → `Answer: 432` (digits are single tokens).
     Add,
     /// `Reverse: d k a m` → `Answer: m a k d`.
     Reverse,
-    /// `Copy the words in brackets: sun tree [moon star] cloud` → `Answer: moon star`.
+    /// `Copy the words between the bars: sun tree | moon star | cloud` → `Answer: moon star`.
     Copy,
+    /// `bird lamp. Recall item 37.` → `Answer: salt moon`: a fixed table of [`RECALL_ITEMS`] facts
+    /// that the model memorises in training (knowledge, as opposed to reading the prompt); the
+    /// two leading words are filler, so prompts vary while the facts repeat.
+    Recall,
 }
 
-pub const TASKS: [Task; 4] = [Task::Lookup, Task::Add, Task::Reverse, Task::Copy];
+/// Every task, in table order.
+pub const TASKS: [Task; 5] = [Task::Lookup, Task::Add, Task::Reverse, Task::Copy, Task::Recall];
+
+/// Items of the recall task's fact table.
+pub const RECALL_ITEMS: u64 = 40;
+
+/// The fact of item `item`: two words fixed by the item number alone (never by the seed).
+fn recall_fact(item: u64) -> String {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x6661_6374 ^ item.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let a = WORDS[rng.random_range(0..WORDS.len())];
+    let b = WORDS[rng.random_range(0..WORDS.len())];
+    format!("{a} {b}")
+}
 
 impl Task {
+    /// `lookup`, `add`, `reverse` or `copy`.
+    pub fn parse(name: &str) -> Result<Task> {
+        TASKS
+            .into_iter()
+            .find(|t| t.name() == name.trim())
+            .ok_or_else(|| anyhow!("unknown task {name:?} (lookup, add, reverse, copy, recall)"))
+    }
+
+    /// A comma-separated list of task names, e.g. `copy,reverse`.
+    pub fn parse_list(names: &str) -> Result<Vec<Task>> {
+        let tasks: Vec<Task> = names.split(',').filter(|n| !n.trim().is_empty()).map(Task::parse).collect::<Result<_>>()?;
+        if tasks.is_empty() {
+            return Err(anyhow!("no task named in {names:?}"));
+        }
+        Ok(tasks)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Task::Lookup => "lookup",
             Task::Add => "add",
             Task::Reverse => "reverse",
             Task::Copy => "copy",
+            Task::Recall => "recall",
         }
     }
 }
@@ -100,7 +134,8 @@ fn draw(task: Task, rng: &mut ChaCha8Rng) -> ((String, String), (String, String)
             let asked = rng.random_range(0..LOOKUP_PAIRS);
             let pairs = keys.iter().zip(&values).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
             let (en, de) = answer(&values[asked].to_string());
-            ((format!("{pairs} What is {}?", keys[asked]), en), (format!("{pairs} Was ist {}?", keys[asked]), de))
+            // "Keys:" first, so that every key (the first one too) is a letter token with its space.
+            ((format!("Keys: {pairs}. What is {}?", keys[asked]), en), (format!("Schlüssel: {pairs}. Was ist {}?", keys[asked]), de))
         }
         Task::Add => {
             let digits = |rng: &mut ChaCha8Rng| if rng.random_range(0..2) == 0 { rng.random_range(10..100) } else { rng.random_range(100..1000) };
@@ -120,21 +155,27 @@ fn draw(task: Task, rng: &mut ChaCha8Rng) -> ((String, String), (String, String)
             let words: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
             let len = rng.random_range(2..=3);
             let start = rng.random_range(1..n - len);
-            let mut shown = String::new();
+            // The span is set off by bars that are words of their own, so a copied word is the
+            // same token inside the span and in the answer.
+            let mut shown: Vec<&str> = Vec::with_capacity(n + 2);
             for (i, w) in words.iter().enumerate() {
-                if i > 0 {
-                    shown.push(' ');
-                }
                 if i == start {
-                    shown.push('[');
+                    shown.push("|");
                 }
-                shown.push_str(w);
+                shown.push(w);
                 if i == start + len - 1 {
-                    shown.push(']');
+                    shown.push("|");
                 }
             }
+            let shown = shown.join(" ");
             let (en, de) = answer(&words[start..start + len].join(" "));
-            ((format!("Copy the words in brackets: {shown}"), en), (format!("Kopiere die Wörter in Klammern: {shown}"), de))
+            ((format!("Copy the words between the bars: {shown}"), en), (format!("Kopiere die Wörter zwischen den Strichen: {shown}"), de))
+        }
+        Task::Recall => {
+            let item = rng.random_range(0..RECALL_ITEMS);
+            let filler = format!("{} {}", WORDS[rng.random_range(0..WORDS.len())], WORDS[rng.random_range(0..WORDS.len())]);
+            let (en, de) = answer(&recall_fact(item));
+            ((format!("{filler}. Recall item {item}."), en), (format!("{filler}. Erinnere Eintrag {item}."), de))
         }
     }
 }
@@ -150,11 +191,11 @@ pub fn is_held_out(english_prompt: &str) -> bool {
     fnv1a(english_prompt) % 8 == 0
 }
 
-/// Example `index` of the stream for `seed`: the task cycles through [`TASKS`], the content is
+/// Example `index` of the stream for `seed`: the task cycles through `tasks`, the content is
 /// drawn until it falls on the requested side of the held-out split. `german` phrases it in
 /// German (same content, `language = "de"`).
-pub fn task_example(seed: u64, index: u64, held_out: bool, german: bool) -> TaskExample {
-    let task = TASKS[(index % TASKS.len() as u64) as usize];
+pub fn task_example(seed: u64, index: u64, held_out: bool, german: bool, tasks: &[Task]) -> TaskExample {
+    let task = tasks[(index % tasks.len() as u64) as usize];
     let stream = if held_out { 0x4845_4c44 } else { 0x5452_4149 };
     for attempt in 0u64.. {
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0x1000_0001) ^ (attempt << 48) ^ stream);
@@ -172,12 +213,12 @@ pub fn task_example(seed: u64, index: u64, held_out: bool, german: bool) -> Task
 
 /// `rows` training conversations (one user turn, one assistant turn); a `non_english` share of
 /// them (chosen by the row's own generator) in German.
-pub fn task_rows(seed: u64, rows: usize, non_english: f64) -> Vec<SynthRow> {
+pub fn task_rows(seed: u64, rows: usize, non_english: f64, tasks: &[Task]) -> Vec<SynthRow> {
     (0..rows as u64)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x6c61_6e67);
             let german = rng.random::<f64>() < non_english;
-            let example = task_example(seed, i, false, german);
+            let example = task_example(seed, i, false, german, tasks);
             SynthRow {
                 turns: vec![(Role::User, example.prompt), (Role::Assistant, example.answer)],
                 language: example.language,
@@ -189,14 +230,14 @@ pub fn task_rows(seed: u64, rows: usize, non_english: f64) -> Vec<SynthRow> {
 /// Held-out prompts with expected answers, `per_task` of each task, as JSONL: `task`,
 /// `messages` (one user turn), `prompt` and `answer` (the exact assistant reply). Returns the
 /// number of lines.
-pub fn write_held_out(path: &Path, seed: u64, per_task: usize) -> Result<usize> {
+pub fn write_held_out(path: &Path, seed: u64, per_task: usize, tasks: &[Task]) -> Result<usize> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    let n = per_task * TASKS.len();
+    let n = per_task * tasks.len();
     for i in 0..n as u64 {
-        let e = task_example(seed, i, true, false);
+        let e = task_example(seed, i, true, false, tasks);
         let line = json!({
             "task": e.task.name(),
             "messages": [{"role": "user", "content": e.prompt}],
@@ -233,7 +274,7 @@ pub const TASK_SPLIT_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\
 /// vocabulary size.
 pub fn train_task_tokenizer(dir: &Path, seed: u64, vocab_size: usize) -> Result<usize> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut texts: Vec<String> = task_rows(seed ^ 0x746f_6b, 4000, 0.2)
+    let mut texts: Vec<String> = task_rows(seed ^ 0x746f_6b, 4000, 0.2, &TASKS)
         .into_iter()
         .flat_map(|row| row.turns.into_iter().map(|(_, text)| text))
         .collect();
@@ -275,12 +316,12 @@ mod tests {
     #[test]
     fn answers_follow_from_prompts() {
         for i in 0..200 {
-            let e = task_example(3, i, false, false);
+            let e = task_example(3, i, false, false, &TASKS);
             let value = e.answer.strip_prefix("Answer: ").expect("answer prefix");
             match e.task {
                 Task::Lookup => {
                     let asked = e.prompt.trim_end_matches('?').rsplit(' ').next().unwrap_or_default().to_string();
-                    assert!(e.prompt.contains(&format!("{asked}={value}")), "{e:?}");
+                    assert!(e.prompt.contains(&format!(" {asked}={value}")), "{e:?}");
                 }
                 Task::Add => {
                     let nums: Vec<u32> = e.prompt.trim_start_matches("What is ").trim_end_matches('?').split(" + ").map(|n| n.parse().unwrap()).collect();
@@ -292,8 +333,12 @@ mod tests {
                     assert_eq!(value, rev.join(" "));
                 }
                 Task::Copy => {
-                    let inner = e.prompt.split('[').nth(1).and_then(|s| s.split(']').next()).unwrap();
+                    let inner = e.prompt.split(" | ").nth(1).unwrap();
                     assert_eq!(value, inner);
+                }
+                Task::Recall => {
+                    let item: u64 = e.prompt.trim_end_matches('.').rsplit(' ').next().unwrap().parse().unwrap();
+                    assert_eq!(value, recall_fact(item));
                 }
             }
         }
@@ -301,9 +346,9 @@ mod tests {
 
     #[test]
     fn held_out_prompts_never_appear_in_training() {
-        let train: std::collections::HashSet<String> = (0..4000).map(|i| task_example(0, i, false, false).prompt).collect();
+        let train: std::collections::HashSet<String> = (0..4000).map(|i| task_example(0, i, false, false, &TASKS).prompt).collect();
         for i in 0..400 {
-            let e = task_example(0, i, true, false);
+            let e = task_example(0, i, true, false, &TASKS);
             assert!(is_held_out(&e.prompt));
             assert!(!train.contains(&e.prompt), "{}", e.prompt);
         }
@@ -311,7 +356,7 @@ mod tests {
 
     #[test]
     fn german_rows_are_tagged() {
-        let rows = task_rows(1, 400, 0.25);
+        let rows = task_rows(1, 400, 0.25, &TASKS);
         let de = rows.iter().filter(|r| r.language == "de").count();
         assert!((60..140).contains(&de), "{de} German rows of 400");
         assert!(rows.iter().filter(|r| r.language == "de").all(|r| r.turns[1].1.starts_with("Antwort: ")));
@@ -320,8 +365,8 @@ mod tests {
     #[test]
     fn trained_tokenizer_has_the_specials_and_single_digits() {
         let dir = tempfile::tempdir().unwrap();
-        let vocab = train_task_tokenizer(dir.path(), 0, 400).unwrap();
-        assert!(vocab <= 400 && vocab > 300, "{vocab}");
+        let vocab = train_task_tokenizer(dir.path(), 0, 512).unwrap();
+        assert!(vocab <= 512 && vocab > 400, "{vocab}");
         let tok = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
         let enc = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\nAnswer: 482<|eot_id|>", false).unwrap();
         let tokens = enc.get_tokens();
@@ -333,5 +378,10 @@ mod tests {
         assert_eq!(tokens.last().map(String::as_str), Some("<|eot_id|>"));
         assert!(tokens.iter().any(|t| t == "4") && tokens.iter().any(|t| t == "8") && tokens.iter().any(|t| t == "2"), "{tokens:?}");
         assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "assistant\n\nAnswer: 482");
+        // Every word of the copy task is one token, the same inside the span and in the answer.
+        for word in WORDS {
+            let ids = tok.encode(format!("Answer: {word} | {word} |"), false).unwrap().get_ids().to_vec();
+            assert_eq!(ids.len(), 6, "{word}: {:?}", tok.encode(format!("Answer: {word} | {word} |"), false).unwrap().get_tokens());
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use overfill_data::synth::{write_dataset, write_rows, write_tiny_tokenizer, SynthFormat, SynthOptions};
-use overfill_data::synth_tasks::{task_rows, train_task_tokenizer, write_held_out};
+use overfill_data::synth_tasks::{task_rows, train_task_tokenizer, write_held_out, Task};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,6 +36,10 @@ pub struct Args {
     /// depend on the prompt) instead of random text; --non-english phrases that share in German.
     #[arg(long)]
     tasks: bool,
+    /// The tasks of --tasks and --heldout-out, comma-separated (rows cycle through them): lookup,
+    /// add, reverse, copy, recall.
+    #[arg(long, default_value = "lookup,add,reverse,copy,recall")]
+    task_mix: String,
     /// Held-out task prompts with their expected answers (JSONL: task, messages, prompt, answer),
     /// never among the training rows.
     #[arg(long, value_name = "FILE")]
@@ -48,7 +52,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     bpe_tokenizer_out: Option<PathBuf>,
     /// Vocabulary size of --bpe-tokenizer-out (special tokens included).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 512)]
     vocab_size: usize,
 }
 
@@ -59,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.non_english) {
         bail!("--non-english must be a share in [0, 1], got {}", args.non_english);
     }
+    let task_mix = Task::parse_list(&args.task_mix)?;
     if let Some(dir) = &args.bpe_tokenizer_out {
         if args.vocab_size < 300 {
             bail!("--vocab-size {} is too small: the byte alphabet alone has 256 tokens", args.vocab_size);
@@ -67,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("synth-data: BPE tokenizer ({vocab} tokens) trained on the task data in {}", dir.display());
     }
     if let Some(path) = &args.heldout_out {
-        let n = write_held_out(path, args.seed, args.heldout_per_task)?;
+        let n = write_held_out(path, args.seed, args.heldout_per_task, &task_mix)?;
         eprintln!("synth-data: {n} held-out task prompts with answers in {}", path.display());
     }
     if args.tasks {
@@ -76,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
                 bail!("--bad-every is for random rows; the task data has no malformed rows");
             }
             let format = SynthFormat::parse(&args.format)?;
-            let rows = task_rows(args.seed, args.rows, args.non_english);
+            let rows = task_rows(args.seed, args.rows, args.non_english, &task_mix);
             write_rows(out, format, &rows)?;
             let german = rows.iter().filter(|r| r.language != "en").count();
             eprintln!("synth-data: {} task rows ({german} in German) in {}", rows.len(), out.display());
