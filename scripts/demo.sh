@@ -2,7 +2,8 @@
 # `just demo`: the paper's claim at small scale, end to end, on a CPU, with no download.
 #
 #   1. data: instruction tasks whose answers depend on the prompt (key-value lookup among
-#      distractors, addition, list reversal, span copy) as OpenHermes JSON and Infinity Parquet
+#      distractors, addition, list reversal, span copy, recall of memorised facts) as OpenHermes
+#      JSON and Infinity Parquet
 #      (with German rows the language filter drops), held-out prompts with answers, and a BPE
 #      tokenizer with the Llama 3 special tokens trained on them
 #   2. a small "full" model trained from scratch (init-model, train --mode sft; configs/demo-full.toml)
