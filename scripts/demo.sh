@@ -43,10 +43,12 @@ done
 if [ "$quick" = 1 ]; then
     work="${work:-$repo/work/demo-quick}"
     json_rows=9000; parquet_rows=3000; heldout_per_task=20
+    decoder_steps=(--max-steps 100)   # the recipe's 400 would be the whole (smaller) epoch
     latency_args=(--sweeps gen --gen-lengths 8,32 --warmup 1 --runs 2)
 else
     work="${work:-$repo/work/demo}"
     json_rows=40000; parquet_rows=10000; heldout_per_task=50
+    decoder_steps=()
     latency_args=(--sweeps gen,batch --gen-lengths 8,16,32,64,128 --batch-sizes 1,4,16 --warmup 1 --runs 5)
 fi
 
@@ -67,7 +69,9 @@ python="$repo/.venv/bin/python"
 
 mkdir -p "$work/.stages" "$work/eval"
 cd "$work"
-recipes_key="$(cat "$repo/configs/demo.toml" "$repo/configs/demo-full.toml" "$repo/configs/demo-full-sft.jinja" \
+# Stages up to the full model depend on these files; from `preprocess` on, also on configs/demo.toml
+# (mixed into the chain there), so changing the decoders' recipe keeps the trained full model.
+recipes_key="$(cat "$repo/configs/demo-full.toml" "$repo/configs/demo-full-sft.jinja" \
     "$repo/configs/models/demo-llama.json" | sha256sum | cut -c1-16)"
 started=$SECONDS
 
@@ -110,6 +114,7 @@ stage preprocess-full 1 "shards-full" "$bin" preprocess --config "$repo/configs/
 stage train-full 1 "runs/full" "$bin" train --config "$repo/configs/demo-full.toml" --resume
 
 say "3/6 preprocess (llama3 template) and calibrate-prune at P = 0.5"
+prev_key="$(cat - "$repo/configs/demo.toml" <<<"$prev_key" | sha256sum | cut -c1-16)"
 stage preprocess 1 "shards" "$bin" preprocess --config "$repo/configs/demo.toml"
 "$bin" inspect shards --examples 1 2>&1 | tail -n 6
 stage prune 0 "pruned" "$bin" calibrate-prune --config "$repo/configs/demo.toml"
@@ -117,8 +122,8 @@ stage prune 0 "pruned" "$bin" calibrate-prune --config "$repo/configs/demo.toml"
 say "4/6 train the OverFill decoder and the Pruned baseline (same pruned checkpoint, data and steps)"
 # Side by side, one thread each, each line prefixed with its run.
 stage train-decoders 1 "runs/overfill runs/pruned" bash -c "
-    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode overfill --out runs/overfill --resume 2>&1 | sed -u 's/^/[overfill] /' ) & a=\$!
-    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode pruned --out runs/pruned --resume 2>&1 | sed -u 's/^/[pruned]   /' ) & b=\$!
+    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode overfill --out runs/overfill ${decoder_steps[*]:-} --resume 2>&1 | sed -u 's/^/[overfill] /' ) & a=\$!
+    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode pruned --out runs/pruned ${decoder_steps[*]:-} --resume 2>&1 | sed -u 's/^/[pruned]   /' ) & b=\$!
     wait \$a; sa=\$?; wait \$b; sb=\$?; exit \$((sa | sb))"
 
 say "5/6 evaluate: held-out target loss, exact match per task, decode tokens/s"
