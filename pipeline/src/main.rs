@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench_latency;
+mod bench_train;
 mod calibrate_prune;
 mod config_cmd;
 mod dist;
@@ -41,11 +42,11 @@ enum Command {
     CalibratePrune(calibrate_prune::Args),
     /// Generation with one model, or two-stage (full-model prefill, --decoder decode).
     Generate(generate::Args),
-    /// An OpenAI-compatible HTTP server (continuous batching; two-stage with --decoder).
-    Serve(serve::Args),
     /// Latency of full, pruned and OverFill generation vs generation length, prompt length and
     /// batch size (the paper's Figures 3–5): CSV and PNG plots.
     BenchLatency(bench_latency::Args),
+    /// An OpenAI-compatible HTTP server (continuous batching; two-stage with --decoder).
+    Serve(serve::Args),
     /// Write a randomly initialised checkpoint (HF layout) from a model config.json.
     InitModel(init_model::Args),
     /// Train the decoder: OverFill (frozen full-model prefill), or the Pruned/SFT baselines.
@@ -54,6 +55,8 @@ enum Command {
     EvalLoss(eval_loss::Args),
     /// Exact-match accuracy per task on held-out prompts with answers, and decode tokens/s.
     EvalTasks(eval_tasks::Args),
+    /// Time OverFill training steps on random weights for given shapes (throughput, MFU).
+    BenchTrain(bench_train::Args),
     /// Run an overfill command (e.g. `train`) as N data-parallel ranks on this node, torchrun-style.
     Launch(launch::Args),
     /// Benchmark helper: all-reduce throughput of the c10d shim (run under `overfill launch`).
@@ -73,12 +76,13 @@ fn main() -> Result<()> {
         Command::SynthData(args) => synth_data::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::Serve(args) => serve::run(args),
         Command::BenchLatency(args) => bench_latency::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
         Command::EvalLoss(args) => eval_loss::run(args),
         Command::EvalTasks(args) => eval_tasks::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::Launch(args) => launch::run(args),
         Command::DebugAllreduce(args) => dist::bench::run(args),
         Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
