@@ -177,6 +177,26 @@ pub fn check_two_stage(prefill_model: &Transformer, decode_model: &Transformer) 
     Ok(())
 }
 
+/// The prefill pass over a left-padded batch: the filled cache, the final hidden states
+/// [B, T, D] and the logits of each row's last prompt token [B, V] (the LM head runs on that
+/// position only).
+pub struct Prefill {
+    pub cache: KvCache,
+    pub hidden: Tensor,
+    pub last_logits: Tensor,
+}
+
+pub fn prefill(model: &Transformer, batch: &PaddedBatch) -> Result<Prefill> {
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let hidden = model
+        .forward_hidden(&batch.ids, &batch.positions, &batch.attention_mask, Some(&mut cache))
+        .context("prefill")?; // [B, T, D]
+    let width = batch.ids.size()[1];
+    // Left padding puts every row's last real token in the last column.
+    let last_logits = tch::no_grad(|| model.lm_head(&hidden.select(1, width - 1))); // [B, V]
+    Ok(Prefill { cache, hidden, last_logits })
+}
+
 /// Called with (row, token id) for every token a row generates, as soon as it is chosen.
 pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
 
@@ -199,7 +219,6 @@ pub fn generate(
     let batch = left_pad(prompts, options.pad_token_id, device)?;
     let rows = prompts.len();
     let mut sampler = Sampler::new(decode.sampling.clone());
-    let mut cache = KvCache::new(prefill_model.config.num_hidden_layers);
     let mut output = GenerationOutput {
         token_ids: vec![vec![]; rows],
         prefill_seconds: 0.0,
@@ -211,17 +230,7 @@ pub fn generate(
     };
 
     let start = Instant::now();
-    let hidden = prefill_model
-        .forward_hidden(
-            &batch.ids,
-            &batch.positions,
-            &batch.attention_mask,
-            Some(&mut cache),
-        )
-        .context("prefill")?; // [B, T, D]
-    let width = batch.ids.size()[1];
-    // Left padding puts every row's last real token in the last column.
-    let last_logits = tch::no_grad(|| prefill_model.lm_head(&hidden.select(1, width - 1))); // [B, V]
+    let Prefill { mut cache, hidden, last_logits } = prefill(prefill_model, &batch)?;
     let mut next = sampler.choose(&last_logits); // [B]
     let mut next_ids = Vec::<i64>::try_from(&next)?; // waits for the device
     output.prefill_seconds = start.elapsed().as_secs_f64();

@@ -17,7 +17,6 @@ use overfill_data::tokenize::{check_ids_in_vocab, load_tokenizer, SplitTokenizer
 use overfill_model::checkpoint::{load_config, parse_device, parse_dtype, resolve_model_dir};
 use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
 use overfill_model::sampling::Sampling;
-use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
 
@@ -159,15 +158,7 @@ pub fn run(args: Args) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let model_dir = resolve_model_dir(&args.model)?;
     let config = load_config(&model_dir)?;
-    let decoder_dir = match &args.decoder {
-        Some(d) => {
-            let dir = resolve_model_dir(d)?;
-            check_compatible(&config, &load_config(&dir)?)
-                .with_context(|| format!("--decoder {} cannot continue from --model {}", dir.display(), model_dir.display()))?;
-            Some(dir)
-        }
-        None => None,
-    };
+    let decoder_dir = crate::generate::resolve_decoder(args.decoder.as_deref(), &config, &model_dir)?;
     let rows = read_held_out(&args.input)?;
     let (tokenizer, chat, split) = load_codec(&model_dir, &args.template)?;
     let prompts: Vec<Vec<i64>> = rows

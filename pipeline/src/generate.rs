@@ -434,6 +434,20 @@ impl Streamer<'_> {
     }
 }
 
+/// `--decoder` of the two-stage commands (generate, serve, eval-tasks): its folder, once its config
+/// has been read and found able to continue from the full model's cache. Refuses an incompatible
+/// decoder before any weights are read.
+pub fn resolve_decoder(decoder: Option<&str>, full_config: &ModelConfig, full_dir: &Path) -> Result<Option<PathBuf>> {
+    let Some(decoder) = decoder else { return Ok(None) };
+    let decoder_dir = resolve_model_dir(decoder)?;
+    let decoder_config = load_config(&decoder_dir)?;
+    crate::init_model::warn_unread_keys(&decoder_config, &decoder_dir.join("config.json"));
+    check_compatible(full_config, &decoder_config).with_context(|| {
+        format!("--decoder {} cannot continue from --model {}", decoder_dir.display(), full_dir.display())
+    })?;
+    Ok(Some(decoder_dir))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let dir = resolve_model_dir(&args.model)?;
     let device = parse_device(&args.device)?;
@@ -455,22 +469,7 @@ pub fn run(args: Args) -> Result<()> {
     let config = load_config(&dir)?;
     crate::init_model::warn_unread_keys(&config, &dir.join("config.json"));
     // Refuse an incompatible decoder before any weights are read.
-    let decoder_dir = match &args.decoder {
-        Some(d) => {
-            let decoder_dir = resolve_model_dir(d)?;
-            let decoder_config = load_config(&decoder_dir)?;
-            crate::init_model::warn_unread_keys(&decoder_config, &decoder_dir.join("config.json"));
-            check_compatible(&config, &decoder_config).with_context(|| {
-                format!(
-                    "--decoder {} cannot continue from --model {}",
-                    decoder_dir.display(),
-                    dir.display()
-                )
-            })?;
-            Some(decoder_dir)
-        }
-        None => None,
-    };
+    let decoder_dir = resolve_decoder(args.decoder.as_deref(), &config, &dir)?;
     let codec = if prompts_are_text(&args)? {
         Some(TextCodec::load(&dir, &config, &args)?)
     } else {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
-use overfill_model::generate::left_pad;
+use overfill_model::generate::{left_pad, prefill, Prefill};
 use overfill_model::kv_cache::KvCache;
 use overfill_model::sampling::{Sampler, Sampling};
 use overfill_model::transformer::Transformer;
@@ -391,19 +391,8 @@ impl Engine {
         let prompts: Vec<Vec<i64>> = rows.iter().map(|r| r.sequence.prompt_ids.clone()).collect();
         let start = Instant::now();
         let batch = left_pad(&prompts, self.pad_token_id, model.device())?;
-        let mut cache = KvCache::new(model.config.num_hidden_layers);
-        let hidden = model
-            .forward_hidden(
-                &batch.ids,
-                &batch.positions,
-                &batch.attention_mask,
-                Some(&mut cache),
-            )
-            .context("prefill")?; // [B, T, D]
-        let width = batch.ids.size()[1];
-        // Left padding puts every row's last real token in the last column.
-        let logits = tch::no_grad(|| model.lm_head(&hidden.select(1, width - 1))); // [B, V]
-        let ids = choose(&logits, rows)?;
+        let Prefill { cache, last_logits, .. } = prefill(model, &batch)?;
+        let ids = choose(&last_logits, rows)?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens: usize = prompts.iter().map(Vec::len).sum();
         self.metrics.prompt_tokens.inc_by(tokens as u64);

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use overfill_model::checkpoint::{load_config, parse_device, parse_dtype, resolve_model_dir};
 use overfill_model::generate::check_two_stage;
-use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 
 use engine::Models;
@@ -96,23 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let config = load_config(&dir)?;
     crate::init_model::warn_unread_keys(&config, &dir.join("config.json"));
-    // An incompatible decoder is refused before any weights are read.
-    let decoder_dir = match &args.decoder {
-        Some(d) => {
-            let decoder_dir = resolve_model_dir(d)?;
-            let decoder_config = load_config(&decoder_dir)?;
-            crate::init_model::warn_unread_keys(&decoder_config, &decoder_dir.join("config.json"));
-            check_compatible(&config, &decoder_config).with_context(|| {
-                format!(
-                    "--decoder {} cannot continue from --model {}",
-                    decoder_dir.display(),
-                    dir.display()
-                )
-            })?;
-            Some(decoder_dir)
-        }
-        None => None,
-    };
+    let decoder_dir = crate::generate::resolve_decoder(args.decoder.as_deref(), &config, &dir)?;
     let context_length = config.max_position_embeddings;
     let limits = Limits {
         max_prompt_tokens: args.max_prompt_tokens.unwrap_or(context_length),
