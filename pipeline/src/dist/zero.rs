@@ -14,7 +14,7 @@
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::train::optimizer::AdamWConfig;
+use crate::train::optimizer::{adam_update, AdamWConfig};
 use crate::train::trainer::GradientReducer;
 
 /// One parameter's place in the flat vector.
@@ -132,16 +132,12 @@ impl ShardedAdamW {
         Ok(sums[0].sqrt())
     }
 
-    /// AdamW on this rank's slice (the element-wise update of `train::optimizer::AdamW::step`),
+    /// AdamW on this rank's slice (`train::optimizer::adam_update`, as `AdamW::step`),
     /// then every rank's slice gathered back into the model's parameters.
     pub fn step(&mut self, lr: f64, grad_scale: f64, reducer: &dyn GradientReducer) -> Result<()> {
         self.steps += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let t = self.steps as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = lr / bias_correction1;
-        let full = tch::no_grad(|| {
+        let weight_decay = self.config.weight_decay;
+        tch::no_grad(|| {
             let grad = if grad_scale < 1.0 { &self.grad_shard * grad_scale } else { self.grad_shard.shallow_clone() };
             if weight_decay > 0.0 {
                 // mask·(1 - lr·wd) + (1 - mask): the same f32 factor as the per-tensor update's scalar.
@@ -149,13 +145,14 @@ impl ShardedAdamW {
                 let factor = decayed.where_self(&self.decay_mask.gt(0.5), &self.decay_mask.ones_like());
                 let _ = self.master.g_mul_(&factor);
             }
-            let _ = self.exp_avg.lerp_(&grad, 1.0 - beta1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(beta2);
-            let _ = self.exp_avg_sq.g_add_(&(&grad * &grad * (1.0 - beta2)));
-            let denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt) + eps;
-            let _ = self.master.g_sub_(&(&self.exp_avg / denom * step_size));
-            Tensor::zeros([self.shard * self.world_size as i64], (Kind::Float, self.master.device()))
+            adam_update(&mut self.master, &mut self.exp_avg, &mut self.exp_avg_sq, &grad, &self.config, lr, self.steps);
         });
+        self.gather_parameters(reducer)
+    }
+
+    /// Every rank's slice of the masters gathered and copied into the model's parameters.
+    fn gather_parameters(&mut self, reducer: &dyn GradientReducer) -> Result<()> {
+        let full = Tensor::zeros([self.shard * self.world_size as i64], (Kind::Float, self.master.device()));
         reducer.all_gather(&full, &self.master)?;
         tch::no_grad(|| {
             for slot in &mut self.slots {
@@ -207,15 +204,7 @@ impl ShardedAdamW {
             Ok(())
         })?;
         self.steps = steps;
-        let full = Tensor::zeros([self.shard * self.world_size as i64], (Kind::Float, self.master.device()));
-        reducer.all_gather(&full, &self.master)?;
-        tch::no_grad(|| {
-            for slot in &mut self.slots {
-                let values = full.narrow(0, slot.offset, slot.numel).view(slot.param.size().as_slice());
-                slot.param.copy_(&values.to_kind(slot.param.kind()));
-            }
-        });
-        Ok(())
+        self.gather_parameters(reducer)
     }
 }
 

@@ -140,11 +140,7 @@ impl AdamW {
     /// coefficient, 1 = none). PyTorch's single-tensor AdamW, in fp32.
     pub fn step(&mut self, lr: f64, grad_scale: f64) {
         self.steps += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let t = self.steps as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = lr / bias_correction1;
+        let weight_decay = self.config.weight_decay;
         let grads = self.gradients();
         tch::no_grad(|| {
             for (p, mut grad) in self.params.iter_mut().zip(grads) {
@@ -159,15 +155,7 @@ impl AdamW {
                 if p.decay && weight_decay > 0.0 {
                     let _ = master.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.addcmul_(&grad, &(&grad * (1.0 - beta2)));
-                // master += -step_size · m / (sqrt(v) / sqrt(bc2) + eps), with two temporaries.
-                let mut denom = p.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bias_correction2_sqrt);
-                let _ = denom.g_add_scalar_(eps);
-                let _ = denom.g_div_scalar_(-step_size);
-                let _ = master.addcdiv_(&p.exp_avg, &denom);
+                adam_update(master, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, &self.config, lr, self.steps);
                 if let Some(m) = &p.master {
                     p.param.copy_(&m.to_kind(p.param.kind()));
                 }
@@ -220,6 +208,26 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The Adam part of PyTorch's single-tensor AdamW update at optimizer step `steps` (1-based), in
+/// place and in fp32, after the decoupled weight decay (which the caller applies: per tensor in
+/// `AdamW`, by a mask over a flat slice in ZeRO-1): the moments, then
+/// master += -lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + ε), with two temporaries.
+/// Call under `no_grad`.
+pub fn adam_update(master: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, config: &AdamWConfig, lr: f64, steps: u64) {
+    let AdamWConfig { beta1, beta2, eps, .. } = *config;
+    let t = steps as i32;
+    let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+    let step_size = lr / (1.0 - beta1.powi(t));
+    let _ = exp_avg.lerp_(grad, 1.0 - beta1);
+    let _ = exp_avg_sq.g_mul_scalar_(beta2);
+    let _ = exp_avg_sq.addcmul_(grad, &(grad * (1.0 - beta2)));
+    let mut denom = exp_avg_sq.sqrt();
+    let _ = denom.g_div_scalar_(bias_correction2_sqrt);
+    let _ = denom.g_add_scalar_(eps);
+    let _ = denom.g_div_scalar_(-step_size);
+    let _ = master.addcdiv_(&*exp_avg, &denom);
 }
 
 /// The clipping coefficient of torch's `clip_grad_norm_`: max_norm / (norm + 1e-6), at most 1;
