@@ -2,34 +2,14 @@
 //! 2 ranks gives the decoder of one process with the same global batch (plain and ZeRO-1, and under
 //! a torchrun-style environment set by hand); a killed rank stops the job naming it; SIGTERM leaves
 //! a complete checkpoint that `--resume` continues to the uninterrupted run's decoder.
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tch::Tensor;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn overfill(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
-}
-
-fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
-    let out = overfill(cwd, args);
-    assert!(
-        out.status.success(),
-        "overfill {} failed:\n{}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{make_train_fixture, overfill_ok, repo_root, weights};
 
 const RECIPE: &str = r#"
 name = "ddp-cli"
@@ -79,34 +59,7 @@ collective_timeout_secs = 60
 /// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        remove_fixtures_of_finished_runs(tmp);
-        let dir = tmp.join(format!("ddp-cli-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        overfill_ok(&dir, &["synth-data", "--tokenizer-out", "tok"]);
-        overfill_ok(&dir, &["synth-data", "--format", "openhermes", "--rows", "80", "--seed", "3", "--out", "raw.json"]);
-        let config = repo_root().join("configs/models/tiny-llama.json");
-        overfill_ok(&dir, &["init-model", "--config", config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
-        std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
-        overfill_ok(&dir, &["preprocess", "--config", "recipe.toml"]);
-        overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
-        dir
-    })
-}
-
-/// Fixture folders of earlier test processes that are gone (a concurrent run's folder stays).
-fn remove_fixtures_of_finished_runs(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(pid) = name.strip_prefix("ddp-cli-").and_then(|p| p.parse::<u32>().ok()) {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+    DIR.get_or_init(|| make_train_fixture("ddp-cli-", RECIPE))
 }
 
 fn log_lines(run: &Path) -> Vec<serde_json::Value> {
@@ -121,10 +74,6 @@ fn grad_norms(run: &Path) -> Vec<(u64, f64)> {
         .filter(|l| l.get("grad_norm").is_some())
         .map(|l| (l["step"].as_u64().unwrap(), l["grad_norm"].as_f64().unwrap()))
         .collect()
-}
-
-fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(dir.join("model.safetensors")).unwrap().into_iter().collect()
 }
 
 /// Largest |a - b| over all weights of two decoders.

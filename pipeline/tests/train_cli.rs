@@ -4,27 +4,16 @@
 //! before any work, and eval-loss equal to the trainer's own validation loss.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use tch::Tensor;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+mod common;
+use common::{make_train_fixture, overfill, overfill_ok, repo_root, weights};
 
 fn python() -> PathBuf {
     std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
-
-fn overfill(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
-}
-
-fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
-    let out = overfill(cwd, args);
-    assert!(out.status.success(), "overfill {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Runs a command that must fail; returns its stderr.
@@ -82,35 +71,7 @@ save_steps = 0
 /// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        remove_fixtures_of_finished_runs(tmp);
-        let dir = tmp.join(format!("train-cli-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        overfill_ok(&dir, &["synth-data", "--tokenizer-out", "tok"]);
-        overfill_ok(&dir, &["synth-data", "--format", "openhermes", "--rows", "80", "--seed", "3", "--out", "raw.json"]);
-        let config = repo_root().join("configs/models/tiny-llama.json");
-        overfill_ok(&dir, &["init-model", "--config", config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
-        std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
-        overfill_ok(&dir, &["preprocess", "--config", "recipe.toml"]);
-        overfill_ok(&dir, &["calibrate-prune", "--config", "recipe.toml"]);
-        dir
-    })
-}
-
-/// Fixture folders of earlier test processes that are gone (there is no teardown for a shared
-/// fixture; a concurrent run's folder is left alone).
-fn remove_fixtures_of_finished_runs(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(pid) = name.strip_prefix("train-cli-").and_then(|p| p.parse::<u32>().ok()) {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+    DIR.get_or_init(|| make_train_fixture("train-cli-", RECIPE))
 }
 
 /// One trained run (4 steps, overfill) shared by the tests that only read it.
@@ -135,10 +96,6 @@ fn train_losses(run: &Path) -> Vec<(u64, f64, f64)> {
         .filter(|v| v.get("loss").is_some_and(|l| l.is_f64()))
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
         .collect()
-}
-
-fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(dir.join("model.safetensors")).unwrap().into_iter().collect()
 }
 
 fn bytes(path: PathBuf) -> Vec<u8> {
