@@ -289,6 +289,7 @@ impl Engine {
                 if let Err(e) = self.decode_step() {
                     let message = format!("decode step failed: {e:#}");
                     eprintln!("overfill serve: {message}");
+                    self.metrics.running.set(0);
                     for row in self.rows.drain(..) {
                         let _ = row.sequence.events.send(Event::Failed {
                             message: message.clone(),
@@ -326,6 +327,9 @@ impl Engine {
         }
         let newcomers: Vec<Sequence> = self.waiting.drain(..n).collect();
         self.set_queued(n);
+        // Newcomers run from here on; each leaves the count before its client hears the end
+        // (`accept_token`), so a client never sees itself still counted.
+        self.metrics.running.set((self.rows.len() + n) as i64);
         let mut rows: Vec<Row> = newcomers
             .into_iter()
             .map(|sequence| Row {
@@ -363,6 +367,7 @@ impl Engine {
                         // The running rows' cache is gone with the failed merge: fail them too.
                         let message = format!("merging into the running batch failed: {e:#}");
                         eprintln!("overfill serve: {message}");
+                        self.metrics.running.set(0);
                         let failed = self.rows.drain(..).chain(rows);
                         for row in failed.filter(|r| !r.finished) {
                             let _ = row.sequence.events.send(Event::Failed {
@@ -376,6 +381,7 @@ impl Engine {
             Err(e) => {
                 let message = format!("prefill failed: {e:#}");
                 eprintln!("overfill serve: {message}");
+                self.metrics.running.set(self.rows.len() as i64);
                 for row in rows {
                     let _ = row.sequence.events.send(Event::Failed {
                         message: message.clone(),
@@ -541,6 +547,7 @@ impl Engine {
         }
         if let Some(finish_reason) = finish {
             row.finished = true;
+            self.metrics.running.dec();
             let _ = events.send(Event::Done {
                 index: row.sequence.index,
                 finish_reason,
