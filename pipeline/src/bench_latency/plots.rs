@@ -35,6 +35,38 @@ fn register_font() -> Result<()> {
     result
 }
 
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// A white page for one figure, the run's subtitle (machine, dtype, threads) in a strip at its
+/// top: the whole page (to present) and the area below the strip (for the chart).
+fn page<'a>(path: &'a Path, subtitle: &str) -> Result<(Area<'a>, Area<'a>)> {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (top, body) = root.split_vertically(30);
+    top.draw_text(
+        subtitle,
+        &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
+        (70, 10),
+    )
+    .map_err(plot_err)?;
+    Ok((root, body))
+}
+
+/// The series' legend in the chart's upper-left corner, over a faint white box.
+fn draw_legend<'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    font_size: u32,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", font_size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
 pub fn draw_all(out: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     register_font()?;
     let of = |sweep: &str| {
@@ -87,15 +119,7 @@ fn lines(
     x_desc: &str,
     subtitle: &str,
 ) -> Result<()> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let (top, body) = root.split_vertically(30);
-    top.draw_text(
-        subtitle,
-        &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
-        (70, 10),
-    )
-    .map_err(plot_err)?;
+    let (root, body) = page(path, subtitle)?;
     let x_max = rows.iter().map(&x).max().unwrap_or(1) as f64;
     let x_min = rows.iter().map(&x).min().unwrap_or(0) as f64;
     // Headroom above the data for the legend.
@@ -170,16 +194,8 @@ fn lines(
             }))
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 17))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    draw_legend(&mut chart, 17)?;
+    root.present().map_err(plot_err)
 }
 
 /// Figure 4: per prompt length one bar per system, prefill (light) under decode (solid).
@@ -188,15 +204,7 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
     lengths.sort_unstable();
     lengths.dedup();
     let (batch, gen) = (rows[0].batch, rows[0].gen_len);
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let (top, body) = root.split_vertically(30);
-    top.draw_text(
-        subtitle,
-        &("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
-        (70, 10),
-    )
-    .map_err(plot_err)?;
+    let (root, body) = page(path, subtitle)?;
     // Headroom above the bars for the legend (two columns of three).
     let y_max = rows
         .iter()
@@ -280,14 +288,6 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
             }))
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    draw_legend(&mut chart, 16)?;
+    root.present().map_err(plot_err)
 }
