@@ -118,6 +118,23 @@ pub fn eval_batches(ds: &ShardDataset, batch_rows: usize, max_rows: usize) -> Ve
     eval_batches_by_len(ds.len(), |i| ds.total_len(i), batch_rows, max_rows)
 }
 
+/// One rank's share of [`eval_batches`] under data parallelism: batch `i` goes to rank
+/// `i % world_size`. The batches are in length order, so round-robin gives every rank batches of
+/// similar lengths; the union over ranks is exactly `eval_batches`, each batch once. A pure
+/// function of (rank, world size), like the training order: every rank computes the same split.
+///
+/// `world_size` of 0 counts as 1. Panics if `rank >= world_size`.
+pub fn rank_eval_batches(ds: &ShardDataset, batch_rows: usize, max_rows: usize, rank: usize, world_size: usize) -> Vec<Vec<usize>> {
+    share_of_rank(eval_batches(ds, batch_rows, max_rows), rank, world_size)
+}
+
+/// Items `rank`, `rank + world_size`, `rank + 2·world_size`, … of `items`.
+fn share_of_rank<T>(items: Vec<T>, rank: usize, world_size: usize) -> Vec<T> {
+    let world_size = world_size.max(1);
+    assert!(rank < world_size, "rank {rank} is not below the world size {world_size}");
+    items.into_iter().skip(rank).step_by(world_size).collect()
+}
+
 fn eval_batches_by_len(rows: usize, total_len: impl Fn(usize) -> usize, batch_rows: usize, max_rows: usize) -> Vec<Vec<usize>> {
     let rows = if max_rows == 0 { rows } else { rows.min(max_rows) };
     let mut order: Vec<usize> = (0..rows).collect();
@@ -204,5 +221,24 @@ mod tests {
         assert_eq!(eval_batches_by_len(0, |i| lens[i], 2, 0), Vec::<Vec<usize>>::new());
         assert_eq!(steps_per_epoch(0, 4), 0);
         assert_eq!(steps_per_epoch(9, 0), 9);
+    }
+
+    #[test]
+    fn ranks_share_the_eval_batches_round_robin() {
+        let lens = lengths(23);
+        let all = eval_batches_by_len(23, |i| lens[i], 2, 0);
+        assert_eq!(all.len(), 12);
+        for world in [1, 2, 3, 5, 16] {
+            let shares: Vec<Vec<Vec<usize>>> = (0..world).map(|r| share_of_rank(all.clone(), r, world)).collect();
+            // Batch i on rank i % world, in order.
+            for (i, batch) in all.iter().enumerate() {
+                assert_eq!(&shares[i % world][i / world], batch, "world {world}, batch {i}");
+            }
+            assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), all.len(), "world {world}");
+            // Shares differ by at most one batch; ranks past the last batch get none.
+            let sizes: Vec<usize> = shares.iter().map(Vec::len).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+        }
+        assert_eq!(share_of_rank(all.clone(), 0, 0), all);
     }
 }

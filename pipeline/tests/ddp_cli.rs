@@ -1,7 +1,8 @@
 //! Data-parallel training on CPU (Gloo on loopback), issue 9's acceptance: `overfill launch` with
 //! 2 ranks gives the decoder of one process with the same global batch (plain and ZeRO-1, and under
 //! a torchrun-style environment set by hand); a killed rank stops the job naming it; SIGTERM leaves
-//! a complete checkpoint that `--resume` continues to the uninterrupted run's decoder.
+//! a complete checkpoint that `--resume` continues to the uninterrupted run's decoder; validation
+//! is split over the ranks and logs the loss one process computes.
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -92,6 +93,28 @@ fn assert_same_run(reference: &Path, run: &Path, what: &str) {
     }
     let diff = max_weight_difference(&reference.join("final"), &run.join("final"));
     assert!(diff <= 5e-5, "{what}: final decoder differs from one process by {diff}");
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+/// (step, value) of every `eval/loss` in a run's event files, read by TensorBoard's own reader.
+fn tensorboard_eval_losses(run: &Path) -> Vec<(u64, f64)> {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/read_events.py"))
+        .arg(run)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(out.status.success(), "read_events.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let losses = events["scalars"]["eval/loss"].as_array().unwrap_or_else(|| panic!("no eval/loss in {events}"));
+    losses.iter().map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap())).collect()
+}
+
+/// The validation record of the step log (rank 0 writes it).
+fn eval_record(run: &Path) -> serde_json::Value {
+    log_lines(run).into_iter().rev().find(|l| l.get("eval_loss").is_some()).unwrap_or_else(|| panic!("{} logged no validation", run.display()))
 }
 
 fn free_port() -> u16 {
@@ -191,6 +214,57 @@ fn rank_pids(launcher: u32) -> Vec<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn two_ranks_each_score_their_share_of_validation_and_log_the_loss_of_one_process() {
+    let dir = fixture();
+    // The whole validation split (eval_max_rows = 0), in batches of per_device_batch_size = 2 rows.
+    let args = ["train", "--config", "recipe.toml", "--batch-size", "2", "--max-steps", "2", "--set", "train.eval_max_rows=0"];
+    overfill_ok(dir, &[&args[..], &["--grad-accum", "4", "--out", "eval-single"]].concat());
+    overfill_ok(dir, &[&["launch", "--nproc-per-node", "2", "--"][..], &args[..], &["--grad-accum", "2", "--out", "eval-ddp"]].concat());
+
+    // What one process computes for each run's final decoder: `overfill eval-loss` over the same
+    // batches (the batch composition decides the padding, so it is the trainer's batch size).
+    let eval_loss = |decoder: &str| -> (f64, i64) {
+        let stdout = overfill_ok(
+            dir,
+            &[
+                "eval-loss", "--full", "full", "--decoder", decoder, "--data", "shards", "--batch-size", "2", "--max-seq-length", "1024",
+                "--device", "cpu", "--dtype", "f32", "--threads", "1", "--json",
+            ],
+        );
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        (last["loss"].as_f64().unwrap(), last["tokens"].as_i64().unwrap())
+    };
+    let mut logged = Vec::new();
+    for run in ["eval-single", "eval-ddp"] {
+        let (want, tokens) = eval_loss(&format!("{run}/final"));
+        let events = tensorboard_eval_losses(&dir.join(run));
+        assert_eq!(events.len(), 1, "{run}: one validation, at the end: {events:?}");
+        let (step, got) = events[0];
+        assert_eq!(step, 2, "{run}");
+        // The event file holds an f32; 1e-6 relative is ~16 of its ulps.
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "{run}: logged eval/loss {got}, one process over its decoder {want}");
+        assert_eq!(eval_record(&dir.join(run))["eval_tokens"].as_i64().unwrap(), tokens, "{run}: every validation token counted once");
+        logged.push(got);
+    }
+    // The two runs train the same decoder (same global batch; see the training test), so they log
+    // the same validation loss.
+    assert!((logged[0] - logged[1]).abs() <= 1e-6 * logged[0].abs(), "validation loss of 1 process {} vs 2 ranks {}", logged[0], logged[1]);
+
+    // Each rank scored only its share: eval batch i on rank i % 2.
+    let single = eval_record(&dir.join("eval-single"));
+    let rows = single["eval_rows"].as_u64().unwrap() as usize;
+    assert!(rows >= 3, "a validation split of {rows} rows cannot show a split");
+    assert_eq!(single["eval_rows_per_rank"], serde_json::json!([rows]));
+    let mut expected = [0usize; 2];
+    for (i, start) in (0..rows).step_by(2).enumerate() {
+        expected[i % 2] += (rows - start).min(2);
+    }
+    let ddp = eval_record(&dir.join("eval-ddp"));
+    assert_eq!(ddp["eval_rows"].as_u64().unwrap() as usize, rows);
+    assert_eq!(ddp["eval_rows_per_rank"], serde_json::json!(expected), "{ddp}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use super::optimizer::{clip_coefficient, learning_rate, warmup_steps, AdamWConfi
 use crate::dist::train::StepOptimizer;
 use super::run_folder::{self, TrainerState};
 use super::settings::{check_cache_dtype, Settings};
-use crate::eval_loss::evaluate;
+use crate::eval_loss::evaluate_across_ranks;
 
 /// What data parallelism plugs in between backward and the optimizer step. At world size 1
 /// every reduction is the identity.
@@ -191,8 +191,9 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
                 log_file: &mut Option<std::fs::File>|
      -> Result<Option<f64>> {
         let Some(val) = &val else { return Ok(None) };
-        let bar = ProgressBar::hidden();
-        let totals = evaluate(decoder, full.as_ref(), val, t.per_device_batch_size, t.eval_max_rows, Some(t.max_seq_length), &bar)?;
+        // Each rank scores its share of the validation batches; the totals are summed over ranks.
+        let (totals, rows_per_rank) =
+            evaluate_across_ranks(decoder, full.as_ref(), val, t.per_device_batch_size, t.eval_max_rows, Some(t.max_seq_length), reducer)?;
         if totals.predicted_tokens == 0 {
             return Ok(None);
         }
@@ -202,7 +203,13 @@ pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
         }
         if let Some(file) = log_file {
             use std::io::Write;
-            let record = json!({ "step": step, "eval_loss": loss, "eval_tokens": totals.predicted_tokens, "eval_rows": totals.rows });
+            let record = json!({
+                "step": step,
+                "eval_loss": loss,
+                "eval_tokens": totals.predicted_tokens,
+                "eval_rows": totals.rows,
+                "eval_rows_per_rank": rows_per_rank,
+            });
             writeln!(file, "{record}").context("writing the step log")?;
         }
         Ok(Some(loss))
