@@ -1,6 +1,13 @@
 //! `overfill debug-allreduce` (hidden): all-reduce throughput of the c10d shim, run under
-//! `overfill launch` (or torchrun). Rank 0 prints one JSON line per tensor size; `just bench-ddp`
-//! compares them with torch.distributed on the same sizes (`scripts/bench_ddp.py`).
+//! `overfill launch` (or torchrun). `just bench-ddp` (tests/python/bench_ddp.py) runs it and
+//! torch.distributed with the same protocol, alternately, and compares the medians.
+//!
+//! Protocol per tensor size (the Python reference does exactly the same steps):
+//! one checked all-reduce of ones (every element must be the world size), the tensor zeroed (so
+//! hundreds of sums cannot overflow), `warmup` untimed all-reduces, then `samples` times: a
+//! barrier, `iters` timed all-reduces; rank 0 prints one JSON line per sample with the wall seconds
+//! per call and the CPU seconds per call of its whole process (all threads: the caller and Gloo's
+//! workers), which a busy machine inflates far less than wall time.
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -11,12 +18,18 @@ use super::Dist;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Tensor sizes in MiB (f32).
+    /// Tensor sizes in MiB (f32; fractions allowed, e.g. 0.0625 for 64 KiB).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
-    pub sizes_mib: Vec<usize>,
-    /// Timed all-reduces per size (after one warm-up).
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
+    pub sizes_mib: Vec<f64>,
+    /// Timed all-reduces per sample: one count for every size, or one per size.
+    #[arg(long, value_delimiter = ',', default_value = "20")]
+    pub iters: Vec<usize>,
+    /// Untimed all-reduces per size before the first sample.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed samples per size.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
     /// Collective timeout in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -24,29 +37,59 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     tch::set_num_threads(1);
-    if args.iters == 0 {
-        bail!("--iters must be at least 1");
+    let iters: Vec<usize> = match args.iters.len() {
+        1 => vec![args.iters[0]; args.sizes_mib.len()],
+        n if n == args.sizes_mib.len() => args.iters.clone(),
+        n => bail!("--iters has {n} counts for {} sizes: give one count, or one per size", args.sizes_mib.len()),
+    };
+    if iters.contains(&0) || args.samples == 0 {
+        bail!("--iters and --samples must be at least 1");
     }
     let dist = Dist::from_env(Device::Cpu, Duration::from_secs(args.timeout))?;
-    for &mib in &args.sizes_mib {
-        let numel = (mib << 20) / 4;
-        let tensor = Tensor::ones([numel as i64], (Kind::Float, Device::Cpu));
+    let world = dist.world_size() as f64;
+    for (&mib, &iters) in args.sizes_mib.iter().zip(&iters) {
+        let numel = (mib * (1 << 18) as f64).round() as i64;
+        if numel < 1 {
+            bail!("--sizes-mib {mib} is less than one f32");
+        }
+        let mut tensor = Tensor::ones([numel], (Kind::Float, Device::Cpu));
         dist.all_reduce_sum(std::slice::from_ref(&tensor))?;
-        dist.barrier()?;
-        let started = Instant::now();
-        for _ in 0..args.iters {
+        for index in [0, numel - 1] {
+            let got = tensor.double_value(&[index]);
+            if got != world {
+                bail!("all-reduce of {mib} MiB gave {got} at element {index}, expected the world size {world}");
+            }
+        }
+        let _ = tensor.zero_();
+        for _ in 0..args.warmup {
             dist.all_reduce_sum(std::slice::from_ref(&tensor))?;
         }
-        let seconds = started.elapsed().as_secs_f64() / args.iters as f64;
-        // ones summed over 1 + iters all-reduces: world^(1 + iters) exactly representable for small worlds.
-        let expected = (dist.world_size() as f64).powi(1 + args.iters as i32);
-        let got = tensor.double_value(&[0]);
-        if (got - expected).abs() > 1e-6 * expected {
-            bail!("all-reduce of {mib} MiB gave {got}, expected {expected}");
-        }
-        if dist.is_main() {
-            println!("{}", json!({"impl": "overfill", "mib": mib, "world_size": dist.world_size(), "seconds": seconds, "gib_per_s": mib as f64 / 1024.0 / seconds}));
+        for sample in 0..args.samples {
+            dist.barrier()?;
+            let (started, cpu_started) = (Instant::now(), process_cpu_seconds());
+            for _ in 0..iters {
+                dist.all_reduce_sum(std::slice::from_ref(&tensor))?;
+            }
+            let seconds = started.elapsed().as_secs_f64() / iters as f64;
+            let cpu_seconds = (process_cpu_seconds() - cpu_started) / iters as f64;
+            if dist.is_main() {
+                println!(
+                    "{}",
+                    json!({"impl": "overfill", "mib": mib, "world_size": dist.world_size(), "sample": sample, "iters": iters, "seconds": seconds, "cpu_seconds": cpu_seconds})
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// CPU time of this process, all threads (Python's `time.process_time()`).
+fn process_cpu_seconds() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; this clock exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
