@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::config::ModelConfig;
-use crate::transformer::Transformer;
+use crate::transformer::{IdsOrigin, Transformer};
 
 /// Label of a position that predicts nothing (padding); the value transformers uses.
 pub const IGNORE_INDEX: i64 = -100;
@@ -40,8 +40,13 @@ pub struct TrainBatch {
     pub target_positions: Tensor,
     /// [B, N] i64: y1..yN, IGNORE_INDEX on padding
     pub labels: Tensor,
+    /// [M] i64: the flat indices (row · N + j) of the labels != IGNORE_INDEX, found on the host
+    pub scored: Tensor,
     /// labels != IGNORE_INDEX, counted on the host
     pub predicted_tokens: i64,
+    /// The largest token id in the context, target inputs and labels (checked against the
+    /// models' vocabulary on the host, so that a step does not wait for the device to check it).
+    pub max_token_id: i64,
 }
 
 impl TrainBatch {
@@ -76,7 +81,7 @@ impl TrainBatch {
         let mut target_mask = vec![0i64; b * n];
         let mut target_positions = vec![0i64; b * n];
         let mut labels = vec![IGNORE_INDEX; b * n];
-        let mut predicted_tokens = 0i64;
+        let mut scored = Vec::new();
         for (row, (context, target)) in rows.iter().enumerate() {
             let start = row * tc + tc - context.len();
             for (j, &id) in context.iter().enumerate() {
@@ -89,12 +94,17 @@ impl TrainBatch {
                 target_inputs[start + j] = target[j] as i64;
                 target_mask[start + j] = 1;
                 labels[start + j] = target[j + 1] as i64;
+                scored.push((start + j) as i64);
             }
             for j in 0..n {
                 target_positions[start + j] = (context.len() + j) as i64;
             }
-            predicted_tokens += target.len() as i64 - 1;
         }
+        let max_token_id = rows
+            .iter()
+            .flat_map(|(context, target)| context.iter().chain(target.iter()))
+            .max()
+            .map_or(0, |&id| id as i64);
         let tensor = |values: &[i64], width: usize| {
             Tensor::from_slice(values)
                 .view([b as i64, width as i64])
@@ -108,7 +118,9 @@ impl TrainBatch {
             target_mask: tensor(&target_mask, n),
             target_positions: tensor(&target_positions, n),
             labels: tensor(&labels, n),
-            predicted_tokens,
+            predicted_tokens: scored.len() as i64,
+            scored: Tensor::from_slice(&scored).to_device(device),
+            max_token_id,
         })
     }
 
@@ -121,7 +133,9 @@ impl TrainBatch {
             target_mask: self.target_mask.to_device(device),
             target_positions: self.target_positions.to_device(device),
             labels: self.labels.to_device(device),
+            scored: self.scored.to_device(device),
             predicted_tokens: self.predicted_tokens,
+            max_token_id: self.max_token_id,
         }
     }
 
@@ -205,10 +219,14 @@ pub fn loss_sum(
             batch.context_ids.device()
         );
     }
+    // The ids were range-checked here, on the host: the forward passes below need not wait
+    // for the device to check them again.
     let vocab = decoder.config.vocab_size as i64;
-    let max_label = batch.labels.max().int64_value(&[]);
-    if max_label >= vocab {
-        bail!("label id {max_label} is outside the decoder's vocabulary of {vocab}");
+    if batch.max_token_id >= vocab {
+        bail!(
+            "token id {} of the batch is outside the decoder's vocabulary of {vocab}",
+            batch.max_token_id
+        );
     }
     // [B, N, D]
     let hidden = match full {
@@ -221,19 +239,21 @@ pub fn loss_sum(
                 );
             }
             let past = full
-                .prefill_kv(
+                .prefill_kv_checked(
                     &batch.context_ids,
                     &batch.context_positions,
                     &batch.context_mask,
+                    IdsOrigin::InRange,
                 )
                 .context("full-model prefill of the context")?;
             let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
             decoder
-                .forward_train_hidden(
+                .forward_train_hidden_checked(
                     &batch.target_inputs,
                     &batch.target_positions,
                     &mask,
                     Some(&past),
+                    IdsOrigin::InRange,
                 )
                 .context("decoder forward over the target")?
         }
@@ -244,19 +264,18 @@ pub fn loss_sum(
             let context_width = batch.context_ids.size()[1];
             let target_width = batch.target_inputs.size()[1];
             decoder
-                .forward_train_hidden(&ids, &positions, &mask, None)
+                .forward_train_hidden_checked(&ids, &positions, &mask, None, IdsOrigin::InRange)
                 .context("forward over context and target")?
                 .narrow(1, context_width, target_width)
         }
     };
     // Only the M scored positions go through the LM head: padding costs no [.., V] logits.
     let d = hidden.size()[2];
-    let labels = batch.labels.view([-1]);
-    let scored = labels.ne(IGNORE_INDEX).nonzero().view([-1]); // [M]
-    let hidden = hidden.reshape([-1, d]).index_select(0, &scored); // [M, D]
+    let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
+    let hidden = hidden.reshape([-1, d]).index_select(0, &batch.scored); // [M, D]
     let logits = decoder.lm_head(&hidden).to_kind(Kind::Float); // [M, V]
     let loss = logits.log_softmax(-1, Kind::Float).f_nll_loss::<&Tensor>(
-        &labels.index_select(0, &scored),
+        &labels,
         None,
         Reduction::Sum,
         IGNORE_INDEX,

@@ -20,12 +20,13 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
 
 /// Where a forward pass's token ids come from: given by a caller (range-checked against the
-/// vocabulary, which waits for the device), or sampled from this vocabulary's logits (in range by
-/// construction; decoding must not sync with the device per token).
+/// vocabulary, which waits for the device), or known to be in range: sampled from this
+/// vocabulary's logits, or checked on the host by the caller (decoding and training must not sync
+/// with the device per token or per micro-batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IdsOrigin {
+pub(crate) enum IdsOrigin {
     Given,
-    Sampled,
+    InRange,
 }
 
 /// Where `forward_with_taps` reports activations.
@@ -143,6 +144,16 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotated * sin
 }
 
+/// The RoPE tables in `x`'s kind: under autocast q/k come out of the projections in the
+/// autocast kind, not the model's (a no-op when the kinds agree, as in inference).
+fn rope_tables_like(cos: &Tensor, sin: &Tensor, x: &Tensor) -> (Tensor, Tensor) {
+    if cos.kind() == x.kind() {
+        (cos.shallow_clone(), sin.shallow_clone())
+    } else {
+        (cos.to_kind(x.kind()), sin.to_kind(x.kind()))
+    }
+}
+
 #[derive(Debug)]
 struct Attention {
     q_proj: Linear,
@@ -155,6 +166,35 @@ struct Attention {
 }
 
 impl Attention {
+    /// x [B, T, D] -> queries [B, H, T, hd] after RoPE.
+    fn queries(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let q = self
+            .q_proj
+            .forward(x)
+            .view([b, t, self.num_heads, self.head_dim])
+            .transpose(1, 2);
+        let (cos, sin) = rope_tables_like(cos, sin, &q);
+        apply_rope(&q, &cos, &sin)
+    }
+
+    /// x [B, T, D] -> this span's keys (after RoPE) and values, each [B, KV, T, hd].
+    fn key_values(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor) {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let k = self
+            .k_proj
+            .forward(x)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let (cos, sin) = rope_tables_like(cos, sin, &k);
+        (apply_rope(&k, &cos, &sin), v)
+    }
+
     /// x [B, T, D]; mask [B, 1, T, S] bool (true = may attend) -> [B, T, D].
     fn forward(
         &self,
@@ -166,31 +206,8 @@ impl Attention {
         kv: &mut KvSource,
     ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        // [B, T, H*hd] -> [B, H, T, hd]
-        let q = self
-            .q_proj
-            .forward(x)
-            .view([b, t, self.num_heads, self.head_dim])
-            .transpose(1, 2);
-        let k = self
-            .k_proj
-            .forward(x)
-            .view([b, t, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .view([b, t, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2);
-        // Under autocast q/k come out of the projections in the autocast kind, not the
-        // model's: the tables follow them (a no-op when the kinds agree, as in inference).
-        let (cos, sin) = if cos.kind() == q.kind() {
-            (cos.shallow_clone(), sin.shallow_clone())
-        } else {
-            (cos.to_kind(q.kind()), sin.to_kind(q.kind()))
-        };
-        let q = apply_rope(&q, &cos, &sin);
-        let k = apply_rope(&k, &cos, &sin);
+        let q = self.queries(x, cos, sin);
+        let (k, v) = self.key_values(x, cos, sin);
         // [B, KV, S, hd]
         let (k, v) = match kv {
             KvSource::None => (k, v),
@@ -484,7 +501,7 @@ impl Transformer {
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let kv = KvSource::Cache(cache);
-        let hidden = self.hidden(ids, positions, attention_mask, kv, None, IdsOrigin::Sampled)?;
+        let hidden = self.hidden(ids, positions, attention_mask, kv, None, IdsOrigin::InRange)?;
         Ok(self.lm_head(&hidden))
     }
 
@@ -536,11 +553,23 @@ impl Transformer {
         attention_mask: &Tensor,
         past: Option<&[(Tensor, Tensor)]>,
     ) -> Result<Tensor> {
+        self.forward_train_hidden_checked(ids, positions, attention_mask, past, IdsOrigin::Given)
+    }
+
+    /// `forward_train_hidden` for ids whose range the caller checked on the host.
+    pub(crate) fn forward_train_hidden_checked(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        past: Option<&[(Tensor, Tensor)]>,
+        ids_origin: IdsOrigin,
+    ) -> Result<Tensor> {
         let kv = match past {
             Some(past) => KvSource::Past(past),
             None => KvSource::None,
         };
-        self.hidden(ids, positions, attention_mask, kv, None, IdsOrigin::Given)
+        self.hidden(ids, positions, attention_mask, kv, None, ids_origin)
     }
 
     /// The frozen prefill (no grad): per layer (K, V) after RoPE, each [B, KV, T, hd] in the
@@ -551,17 +580,33 @@ impl Transformer {
         positions: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Vec<(Tensor, Tensor)>> {
+        self.prefill_kv_checked(ids, positions, attention_mask, IdsOrigin::Given)
+    }
+
+    /// `prefill_kv` for ids whose range the caller checked on the host (training batches).
+    pub(crate) fn prefill_kv_checked(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        ids_origin: IdsOrigin,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
         let _guard = tch::no_grad_guard();
         let mut kv = Vec::with_capacity(self.layers.len());
-        // Only the recorded K/V are wanted; the final norm's output is cheap to drop.
-        let _hidden = self.hidden(
-            ids,
-            positions,
-            attention_mask,
-            KvSource::Record(&mut kv),
-            None,
-            IdsOrigin::Given,
-        )?;
+        let (x, span) =
+            self.embed_span(ids, positions, attention_mask, &KvSource::None, ids_origin)?;
+        // Every layer but the last runs whole, recording its K/V. The last layer's K/V depend only
+        // on its input: its queries, attention output, MLP and the final norm would feed nothing.
+        let Some((last, layers)) = self.layers.split_last() else {
+            return Ok(kv);
+        };
+        let mut x = x;
+        let mut record = KvSource::Record(&mut kv);
+        for (i, block) in layers.iter().enumerate() {
+            x = block.forward(&x, &span.cos, &span.sin, &span.mask, i, &mut record, &mut None);
+        }
+        let normed = last.input_layernorm.forward(&x);
+        kv.push(last.self_attn.key_values(&normed, &span.cos, &span.sin));
         Ok(kv)
     }
 
@@ -677,17 +722,17 @@ impl Transformer {
         Ok(slots)
     }
 
-    /// The layer stack: final hidden states [B, T, D]. Autograd follows the caller's mode.
-    fn hidden(
+    /// The token embeddings [B, T, D] of a span and what all its layers share, after checking
+    /// the inputs.
+    fn embed_span(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         attention_mask: &Tensor,
-        mut kv: KvSource,
-        mut tap: Tap,
+        kv: &KvSource,
         ids_origin: IdsOrigin,
-    ) -> Result<Tensor> {
-        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, &kv, ids_origin)?;
+    ) -> Result<(Tensor, Span)> {
+        let (_b, t, past) = self.check_inputs(ids, positions, attention_mask, kv, ids_origin)?;
         let device = self.device();
         // mask [B, 1, T, S]: query i (slot past+i) sees real slots j <= past+i, and always
         // itself, so that padding queries stay finite (their outputs are never used).
@@ -698,20 +743,42 @@ impl Transformer {
         let diagonal = key_slot.eq_tensor(&query_slot);
         let real = attention_mask.ne(0).view([-1, 1, 1, s]); // [B, 1, 1, S]
         let mask = real.logical_and(&causal).logical_or(&diagonal);
-
         let (cos, sin) = rope_tables(&self.inv_freq, positions, self.kind());
+        let x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        Ok((x, Span { mask, cos, sin }))
+    }
+
+    /// The layer stack: final hidden states [B, T, D]. Autograd follows the caller's mode.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: &Tensor,
+        mut kv: KvSource,
+        mut tap: Tap,
+        ids_origin: IdsOrigin,
+    ) -> Result<Tensor> {
+        let (mut x, span) = self.embed_span(ids, positions, attention_mask, &kv, ids_origin)?;
         if let KvSource::Cache(c) = &mut kv {
             c.set_attention_mask(&attention_mask.to_kind(Kind::Int64));
         }
-        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         for (i, block) in self.layers.iter().enumerate() {
-            x = block.forward(&x, &cos, &sin, &mask, i, &mut kv, &mut tap);
+            x = block.forward(&x, &span.cos, &span.sin, &span.mask, i, &mut kv, &mut tap);
         }
         if let KvSource::Cache(c) = kv {
-            c.advance(t as usize);
+            c.advance(ids.size()[1] as usize);
         }
         Ok(self.norm.forward(&x))
     }
+}
+
+/// What every layer of one forward pass shares.
+struct Span {
+    /// [B, 1, T, S] bool, true = may attend.
+    mask: Tensor,
+    /// [B, 1, T, hd] RoPE tables in the model's kind.
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// Random initialisation in HF layout: every matrix ~ N(0, std), norms 1, biases 0 (transformers'
