@@ -1,23 +1,18 @@
 //! Calibration and pruning against an independent implementation on Hugging Face transformers
 //! (`tests/python/prune_ref.py`: forward hooks on the HF modules, its own slicing), on a tiny
 //! random model and fixed, padded calibration batches. Plus the exact identities pruning must keep.
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{python, repo_root};
 use overfill_model::calibrate::{self, SampleNorm, SeqAgg};
 use overfill_model::checkpoint;
 use overfill_model::prune::{self, PrunePlan, Width};
 use overfill_model::transformer::Transformer;
 use tch::{Device, Kind, Tensor};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
 
 /// Runs prune_ref.py; returns its JSON line, or None (skip) when the Python environment is absent.
 fn prune_ref(args: &[&str]) -> Option<serde_json::Value> {
@@ -27,7 +22,7 @@ fn prune_ref(args: &[&str]) -> Option<serde_json::Value> {
         return None;
     }
     let out = Command::new(&py)
-        .arg(root().join("tests/python/prune_ref.py"))
+        .arg(repo_root().join("tests/python/prune_ref.py"))
         .args(args)
         .output()
         .expect("python starts");

@@ -19,29 +19,6 @@ use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn write_json(path: &Path, value: &Value) {
-    std::fs::write(path, serde_json::to_string_pretty(value).unwrap()).unwrap();
-}
-
-/// The 4.x config rewritten as transformers 5 writes it: `rope_theta` and `rope_scaling` go,
-/// `rope_parameters` holds the rope type, theta and the scaling keys.
-fn to_5x(config: &Value) -> Value {
-    let mut out = config.as_object().unwrap().clone();
-    let theta = out.remove("rope_theta").expect("4.x config has rope_theta");
-    let mut params = match out.remove("rope_scaling") {
-        Some(Value::Object(scaling)) => scaling,
-        _ => serde_json::Map::from_iter([("rope_type".to_string(), json!("default"))]),
-    };
-    params.insert("rope_theta".into(), theta);
-    out.insert("rope_parameters".into(), Value::Object(params));
-    out.insert("transformers_version".into(), json!("5.24.0"));
-    Value::Object(out)
-}
-
 /// A copy of a reference checkpoint with its config.json edited.
 fn copy_case(case: &str, edit: impl FnOnce(&Value) -> Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

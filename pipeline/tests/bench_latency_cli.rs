@@ -1,19 +1,10 @@
 //! `overfill bench-latency`: the CSV has one row per system and point with consistent timings,
 //! the figures are written (and redrawn by --replot), and bad settings fail before any work.
 //! No timing assertions: only structure and arithmetic.
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
-
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::here::overfill;
+use common::repo_root;
 
 #[test]
 fn tiny_sweep_writes_csv_summary_and_figures() {

@@ -1,21 +1,17 @@
 //! End-to-end `overfill calibrate-prune` on a tiny random model (made by transformers), checking
 //! the output directory, score reuse, recipes, --dry-run on the real model configs, and that bad
 //! input ends in a clear error (no panic, no half-written output).
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{python, read_json, repo_root, write_calibration_data};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
+/// `overfill calibrate-prune ARGS`.
 fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).arg("calibrate-prune").args(args).output().expect("overfill starts")
+    common::here::overfill(&[&["calibrate-prune"][..], args].concat())
 }
 
 fn ok_json(out: &Output) -> Value {
@@ -31,10 +27,6 @@ fn assert_clear_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "panic instead of an error:\n{stderr}");
 }
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
-
 /// A small word-level tokenizer.json with `n` tokens (only its size matters here).
 fn write_tokenizer(dir: &Path, n: usize) {
     let vocab: serde_json::Map<String, Value> = (0..n).map(|i| (format!("t{i}"), Value::from(i))).collect();
@@ -47,18 +39,8 @@ fn write_tokenizer(dir: &Path, n: usize) {
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"model_max_length": 512}"#).unwrap();
 }
 
-/// Rows of random ids with varied lengths.
-fn write_data(path: &Path, rows: usize, vocab: u64) {
-    let mut state: u64 = 0x9E3779B97F4A7C15;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let data: Vec<Vec<u64>> = (0..rows).map(|_| (0..5 + next() % 36).map(|_| next() % vocab).collect()).collect();
-    std::fs::write(path, serde_json::to_string(&data).unwrap()).unwrap();
-}
+/// The xorshift seed of the calibration rows (`write_calibration_data`).
+const CALIBRATION_SEED: u64 = 0x9E3779B97F4A7C15;
 
 struct Fixture {
     dir: PathBuf,
@@ -77,14 +59,14 @@ fn fixture(name: &str) -> Option<Fixture> {
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("model");
     let out = Command::new(&py)
-        .arg(root().join("tests/python/prune_ref.py"))
+        .arg(repo_root().join("tests/python/prune_ref.py"))
         .args(["make-model", "--out", model.to_str().unwrap(), "--seed", "7"])
         .output()
         .unwrap();
     assert!(out.status.success(), "make-model: {}", String::from_utf8_lossy(&out.stderr));
     write_tokenizer(&model, 250);
     let data = dir.join("calib.json");
-    write_data(&data, 24, 250);
+    write_calibration_data(&data, 24, 250, CALIBRATION_SEED);
     Some(Fixture { dir, model, data })
 }
 
@@ -138,7 +120,7 @@ fn prunes_a_tiny_model_end_to_end_and_reuses_scores() {
     let batches = f.dir.join("batches.json");
     std::fs::write(&batches, "[[[1, 2, 3, 4], [5, 6]]]").unwrap();
     let py = Command::new(python())
-        .arg(root().join("tests/python/prune_ref.py"))
+        .arg(repo_root().join("tests/python/prune_ref.py"))
         .args(["logits", "--model", out_dir.to_str().unwrap(), "--batches", batches.to_str().unwrap(), "--out", logits.to_str().unwrap()])
         .output()
         .unwrap();
@@ -189,7 +171,7 @@ fn recipe_tables_supply_defaults_and_flags_override() {
 
 #[test]
 fn dry_run_prints_table_1_numbers() {
-    let config = root().join("../shared/fixtures/model-configs/Llama-3.1-8B-Instruct.json");
+    let config = repo_root().join("../shared/fixtures/model-configs/Llama-3.1-8B-Instruct.json");
     if !config.exists() {
         eprintln!("skipping: {} is absent", config.display());
         return;
@@ -235,7 +217,7 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&empty, "[]").unwrap();
     assert_clear_error(&run(&widths, &empty, &f.model), "calibration set is empty");
     let short = f.dir.join("short.json");
-    write_data(&short, 5, 250);
+    write_calibration_data(&short, 5, 250, CALIBRATION_SEED);
     assert_clear_error(&run(&widths, &short, &f.model), "fewer than one batch");
     let garbage = f.dir.join("garbage.json");
     std::fs::write(&garbage, "{\"not\": \"ids\"}").unwrap();

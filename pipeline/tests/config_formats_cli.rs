@@ -1,74 +1,19 @@
 //! The commands on configs as transformers 5 writes them (`rope_parameters`), on a tokenizer with
 //! ids past the model's vocabulary (the real Llama 3.2 one: `<|image|>` at 128256), and on prompts
 //! past `max_position_embeddings`. References: transformers 4.57 (tests/python/model_ref.py).
-// The model tests' helpers (paths, the cached transformers reference, comparisons).
-#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{
-    case_model_dir, case_refs, max_abs_diff, model_ref, read_refs, repo_root, to_vec_i64,
+use common::here::{overfill_refused, overfill_output_ok};
+use common::model::{
+    case_model_dir, case_refs, max_abs_diff, model_ref, read_refs, to_5x, to_vec_i64,
 };
+use common::{llama32_tokenizer, read_json, stderr, write_calibration_data, write_json};
 use serde_json::{json, Value};
 
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = overfill(args);
-    assert!(
-        out.status.success(),
-        "overfill {args:?} failed:\n{}",
-        stderr(&out)
-    );
-    out
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = overfill(args);
-    let err = stderr(&out);
-    assert!(
-        !out.status.success(),
-        "overfill {args:?} should fail:\n{err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error:\n{err}"
-    );
-    err
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn write_json(path: &Path, value: &Value) {
-    std::fs::write(path, serde_json::to_string_pretty(value).unwrap()).unwrap();
-}
-
-/// The 4.x config rewritten as transformers 5.24 writes it (see ../shared/fixtures/model-configs).
-fn to_5x(config: &Value) -> Value {
-    let mut out = config.as_object().unwrap().clone();
-    let theta = out.remove("rope_theta").expect("rope_theta");
-    let mut params = match out.remove("rope_scaling") {
-        Some(Value::Object(scaling)) => scaling,
-        _ => serde_json::Map::from_iter([("rope_type".to_string(), json!("default"))]),
-    };
-    params.insert("rope_theta".into(), theta);
-    out.insert("rope_parameters".into(), Value::Object(params));
-    out.insert("transformers_version".into(), json!("5.24.0"));
-    Value::Object(out)
-}
+/// The xorshift seed of the calibration rows (`write_calibration_data`).
+const CALIBRATION_SEED: u64 = 0x2545F4914F6CDD1D;
 
 /// And back: the 4.x spelling of a 5.x config, for transformers 4.57 to read.
 fn to_4x(config: &Value) -> Value {
@@ -99,21 +44,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// `rows` rows of pseudo-random ids below `vocab`, 5 to 40 long, as a JSON list of lists.
-fn write_calibration_data(path: &Path, rows: usize, vocab: u64) {
-    let mut state: u64 = 0x2545F4914F6CDD1D;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let data: Vec<Vec<u64>> = (0..rows)
-        .map(|_| (0..5 + next() % 36).map(|_| next() % vocab).collect())
-        .collect();
-    std::fs::write(path, serde_json::to_string(&data).unwrap()).unwrap();
-}
-
 #[cfg(unix)]
 fn assert_ordinary_file_modes(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -140,7 +70,7 @@ fn assert_ordinary_file_modes(_dir: &Path) {}
 fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("calib.json");
-    write_calibration_data(&data, 24, 97);
+    write_calibration_data(&data, 24, 97, CALIBRATION_SEED);
     let ids = [5i64, 17, 33, 2, 90, 61, 8, 40, 12];
     let ids_arg = ids.map(|i| i.to_string()).join(",");
     let mut for_transformers = vec![];
@@ -151,7 +81,7 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
         let source = to_5x(&read_json(&model.join("config.json")));
         write_json(&model.join("config.json"), &source);
         let out = tmp.path().join(format!("{case}-pruned"));
-        ok(&[
+        overfill_output_ok(&[
             "calibrate-prune",
             "--model",
             model.to_str().unwrap(),
@@ -201,7 +131,7 @@ fn calibrate_prune_on_5x_config_keeps_its_rope_settings() {
         write_json(&as_4x.join("config.json"), &to_4x(&pruned));
         for_transformers.push(as_4x);
         let logits = tmp.path().join(format!("{case}-logits.safetensors"));
-        ok(&[
+        overfill_output_ok(&[
             "generate",
             "--model",
             out.to_str().unwrap(),
@@ -255,7 +185,7 @@ fn unsupported_settings_fail_naming_the_key() {
         let mut config = to_5x(&read_json(&model.join("config.json")));
         edit(&mut config);
         write_json(&model.join("config.json"), &config);
-        let err = fails(&[
+        let err = overfill_refused(&[
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -266,7 +196,7 @@ fn unsupported_settings_fail_naming_the_key() {
             err.contains(key) && err.contains("config.json"),
             "{label}: {err}"
         );
-        let err = fails(&[
+        let err = overfill_refused(&[
             "init-model",
             "--config",
             model.join("config.json").to_str().unwrap(),
@@ -279,11 +209,9 @@ fn unsupported_settings_fail_naming_the_key() {
 
 #[test]
 fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded() {
-    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
-    if !tokenizer.join("tokenizer.json").is_file() {
-        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+    let Some(tokenizer) = llama32_tokenizer() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     // The real Llama 3.2 text vocabulary (128256) in the 5.x spelling, with a very small body.
     let config = tmp.path().join("config.json");
@@ -301,7 +229,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     let model_s = model.to_str().unwrap();
     let warned =
         |err: &str| err.contains("warning") && err.contains("128256") && err.contains("<|image|>");
-    let init = ok(&[
+    let init = overfill_output_ok(&[
         "init-model",
         "--config",
         config.to_str().unwrap(),
@@ -329,7 +257,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     );
     assert_ordinary_file_modes(&model);
     // Again over the same folder: the copied (read-only) fixture files are replaceable.
-    ok(&[
+    overfill_output_ok(&[
         "init-model",
         "--config",
         config.to_str().unwrap(),
@@ -340,7 +268,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     ]);
 
     // Ordinary text works, with the same warning at load.
-    let run = ok(&[
+    let run = overfill_output_ok(&[
         "generate",
         "--model",
         model_s,
@@ -352,7 +280,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     ]);
     assert!(warned(&stderr(&run)), "generate: {}", stderr(&run));
     // Text that encodes to <|image|> is refused where it is encoded, naming the token.
-    let err = fails(&[
+    let err = overfill_refused(&[
         "generate",
         "--model",
         model_s,
@@ -365,7 +293,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
         err.contains("<|image|>") && err.contains("128256") && err.contains("the prompt"),
         "{err}"
     );
-    let err = fails(&[
+    let err = overfill_refused(&[
         "generate",
         "--model",
         model_s,
@@ -382,7 +310,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
     // calibrate-prune agrees: the same pair only warns, and data holding the id is refused
     // naming the token.
     let data = tmp.path().join("calib.json");
-    write_calibration_data(&data, 8, 128000);
+    write_calibration_data(&data, 8, 128000, CALIBRATION_SEED);
     let args = |data: &Path, out: &Path| -> Vec<String> {
         [
             "calibrate-prune",
@@ -411,10 +339,12 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
         .to_vec()
     };
     let pruned = tmp.path().join("pruned");
-    let run = ok(&args(&data, &pruned)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    let run = overfill_output_ok(
+        &args(&data, &pruned)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert!(warned(&stderr(&run)), "calibrate-prune: {}", stderr(&run));
     assert_eq!(
         read_json(&pruned.join("config.json"))["rope_parameters"],
@@ -426,7 +356,7 @@ fn tokenizer_ids_past_the_vocabulary_warn_at_load_and_are_refused_when_encoded()
         "[[128000, 9906, 128256, 13], [128000, 9906], [1, 2], [3, 4]]",
     )
     .unwrap();
-    let err = fails(
+    let err = overfill_refused(
         &args(&bad, &tmp.path().join("pruned-bad"))
             .iter()
             .map(String::as_str)
@@ -452,10 +382,10 @@ fn generate_refuses_prompts_past_max_positions_warns_on_generation_past_them_and
     let prompt = prompt.join(",");
     let model_s = model.to_str().unwrap();
     // A prompt that does not fit is refused, with or without --strict.
-    let err = fails(&["generate", "--model", model_s, "--prompt-ids", &prompt, "--max-new-tokens", "2"]);
+    let err = overfill_refused(&["generate", "--model", model_s, "--prompt-ids", &prompt, "--max-new-tokens", "2"]);
     assert!(err.contains("max_position_embeddings 8") && err.contains("11 tokens"), "{err}");
     // Generation past the limit is warned about; dtype and device are echoed canonically.
-    let run = ok(&[
+    let run = overfill_output_ok(&[
         "generate",
         "--model",
         model_s,
@@ -477,7 +407,7 @@ fn generate_refuses_prompts_past_max_positions_warns_on_generation_past_them_and
         (Some("bf16"), Some("cpu"))
     );
     // Prompt within the limit but generation past it: warned, refused with --strict.
-    let err = fails(&[
+    let err = overfill_refused(&[
         "generate",
         "--model",
         model_s,
@@ -491,7 +421,7 @@ fn generate_refuses_prompts_past_max_positions_warns_on_generation_past_them_and
         err.contains("--max-new-tokens 6") && err.contains("max_position_embeddings 8"),
         "{err}"
     );
-    let run = ok(&[
+    let run = overfill_output_ok(&[
         "generate",
         "--model",
         model_s,

@@ -6,13 +6,12 @@
 //!
 //! And the paper's claim at this scale: OverFill's held-out target loss is below Pruned's, with the
 //! same decoder size, data and steps (a short decoder fine-tuning next to the full model's training).
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
+use common::{read_json, repo_root};
 
 fn run_demo(root: &Path, work: &Path) -> String {
     let out = Command::new("bash")
@@ -31,10 +30,6 @@ fn run_demo(root: &Path, work: &Path) -> String {
     stdout
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
 /// Held-out target loss of a system in the run's summary.json.
 fn target_loss(summary: &serde_json::Value, system: &str) -> f64 {
     summary["systems"][system]["target_loss"].as_f64().unwrap_or_else(|| panic!("{system} loss in {summary}"))
@@ -42,7 +37,7 @@ fn target_loss(summary: &serde_json::Value, system: &str) -> f64 {
 
 #[test]
 fn demo_quick_connects_the_stages_and_overfill_beats_pruned() {
-    let root = workspace_root();
+    let root = repo_root();
     let tmp = tempfile::tempdir().expect("temp dir");
     let work: PathBuf = tmp.path().join("demo");
     let stdout = run_demo(&root, &work);

@@ -2,16 +2,12 @@
 //! tokenizer (`shared/fixtures/llama-3.2-tokenizer`; skipped with a note when absent): a full
 //! model and a narrower decoder with Llama 3.2's text vocabulary of 128256 (the tokenizer has one
 //! more id, `<|image|>`, which the shards never use), in overfill and pruned modes.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
+use common::{llama32_tokenizer, python, repo_root};
 
 fn run_ok(cwd: &Path, program: &Path, args: &[&str]) -> String {
     let out = Command::new(program).current_dir(cwd).args(args).output().expect("run");
@@ -31,11 +27,9 @@ fn last_json(stdout: &str) -> serde_json::Value {
 
 #[test]
 fn eval_loss_equals_transformers_on_real_tokenizer_shards() {
-    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
-    if !tokenizer.join("tokenizer.json").is_file() {
-        eprintln!("skipped: the Llama-3.2 tokenizer fixture is not at {}", tokenizer.display());
+    let Some(tokenizer) = llama32_tokenizer() else {
         return;
-    }
+    };
     let overfill = PathBuf::from(env!("CARGO_BIN_EXE_overfill"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

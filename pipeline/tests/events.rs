@@ -1,21 +1,14 @@
 //! TensorBoard event files written by `overfill` (train::events, through the hidden
 //! `debug-write-events` command) read back by TensorBoard's own `EventAccumulator`
 //! (tests/python/read_events.py).
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::{python, repo_root};
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
 
 /// What one `debug-write-events` run wrote: (tag, step) -> value, and the text tags.
 struct Written {

@@ -1,34 +1,16 @@
 //! The `overfill generate` and `overfill init-model` command-line contract, checked against
 //! transformers (tests/python/model_ref.py).
-// The model tests' helpers (paths, the cached transformers reference, comparisons).
-#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::{max_abs_diff, model_ref, read_refs, reference_dir, repo_root, to_vec_i64 as ids};
+use common::here::{overfill, overfill_ok};
+use common::model::{max_abs_diff, model_ref, read_refs, reference_dir, to_vec_i64 as ids};
+use common::{init_model_with_tokenizer, llama32_tokenizer};
 use tch::{Kind, Tensor};
 
 fn read(path: &Path) -> std::collections::HashMap<String, Tensor> {
     read_refs(path)
-}
-
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn overfill_ok(args: &[&str]) -> String {
-    let out = overfill(args);
-    assert!(
-        out.status.success(),
-        "overfill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -77,38 +59,18 @@ fn prompt_ids_give_transformers_logits_and_greedy_tokens() {
 
 #[test]
 fn text_prompt_with_init_model_checkpoint_matches_transformers() {
-    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
-    if !tokenizer.join("tokenizer.json").is_file() {
-        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+    let Some(tokenizer) = llama32_tokenizer() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     // The real Llama 3.2 vocabulary with a very small body.
-    let config = tmp.path().join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
+    let config = r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
             "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
             "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
-            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
-    )
-    .unwrap();
-    let model = tmp.path().join("model");
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+    let model = init_model_with_tokenizer(tmp.path(), config, "3", &tokenizer);
     let model_s = model.to_str().unwrap();
-    overfill_ok(&[
-        "init-model",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        model_s,
-        "--seed",
-        "3",
-        "--std",
-        "0.5",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-    ]);
     assert!(model.join("tokenizer.json").is_file() && model.join("model.safetensors").is_file());
     let text = "The quick brown fox jumps over the lazy dog.";
     let refs_file = tmp.path().join("refs.safetensors");

@@ -1,9 +1,7 @@
 //! `overfill synth-data`, `preprocess` and `inspect` through the command line.
-use std::process::Command;
+mod common;
 
-fn overfill(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().expect("run overfill")
-}
+use common::here::overfill;
 
 #[test]
 fn synth_preprocess_inspect() {

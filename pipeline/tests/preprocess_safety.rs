@@ -3,24 +3,15 @@
 //! second run, rejects a truncated JSON array, and leaves nothing a later stage would take for
 //! finished output when it fails. Inputs are written by other tools (Python's `json.dump`,
 //! pyarrow); every check also asserts that the files that were there before are byte-identical.
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::here::overfill;
+use common::{paths_under, python, stderr};
 use overfill_data::out_lock::OutputLock;
-
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).args(args).output().expect("run overfill")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"))
-}
 
 /// Run a Python snippet (`sys.argv[1:]` = `args`); panics with its stderr when it fails.
 fn run_python(code: &str, args: &[&Path]) {
@@ -63,19 +54,14 @@ fn write_infinity_parquet(path: &Path, tag: &str, n: usize) {
 
 /// Every file under `dir` (recursively) with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.insert(path.clone(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
+    paths_under(dir)
+        .into_iter()
+        .filter(|path| !path.is_dir())
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect()
 }
 
 /// Every file of `before` still exists with the same bytes.

@@ -3,9 +3,13 @@
 //! message naming the file, line, table, key and the closest valid key; `overfill config` prints
 //! the resolved recipe, which reads back to the same values; every stage writes it next to its
 //! output; calibrate-prune's own output rules (stale staging folders, --out over the model).
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{overfill, paths_under};
 
 const RECIPE: &str = r#"name = "cli"
 
@@ -46,10 +50,6 @@ device = "cpu"
 dtype = "f32"
 "#;
 
-fn overfill(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
-}
-
 fn ok(out: Output, what: &str) -> Output {
     assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     out
@@ -57,18 +57,7 @@ fn ok(out: Output, what: &str) -> Output {
 
 /// Every path under `dir` (relative), to show that a refused run wrote nothing.
 fn listing(dir: &Path) -> BTreeSet<PathBuf> {
-    let mut paths = BTreeSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path.clone());
-            }
-            paths.insert(path.strip_prefix(dir).unwrap().to_path_buf());
-        }
-    }
-    paths
+    paths_under(dir).iter().map(|path| path.strip_prefix(dir).unwrap().to_path_buf()).collect()
 }
 
 /// The resolved recipe's values: lines without their origin comment, unset keys and header left out.

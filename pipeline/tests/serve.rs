@@ -6,35 +6,21 @@
 //!
 //! Models: a tiny random Llama (`init-model`) with the byte-level tokenizer of `synth-data`,
 //! and its width-pruned decoder (`calibrate-prune`). Everything on loopback.
-#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{python, repo_root};
+use common::here::overfill_ok;
+use common::{
+    init_model_with_tokenizer, llama32_tokenizer, paths_under, python, repo_root,
+    LLAMA32_VOCAB_TINY_CONFIG,
+};
 use serde_json::{json, Value};
-
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn overfill_ok(args: &[&str]) -> String {
-    let out = overfill(args);
-    assert!(
-        out.status.success(),
-        "overfill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 struct Models {
     _dir: tempfile::TempDir,
@@ -577,23 +563,12 @@ fn openai_client_and_lm_eval_against_the_server() {
 
 /// The first file under `dir` (recursively) whose name starts with `prefix`.
 fn find_file(dir: &Path, prefix: &str) -> PathBuf {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(prefix)
-            {
-                return path;
-            }
-        }
-    }
-    panic!("no {prefix}* under {}", dir.display());
+    paths_under(dir)
+        .into_iter()
+        .find(|path| {
+            !path.is_dir() && path.file_name().unwrap().to_string_lossy().starts_with(prefix)
+        })
+        .unwrap_or_else(|| panic!("no {prefix}* under {}", dir.display()))
 }
 
 fn load_test(server: &Server, extra: &[&str]) -> Value {
@@ -1060,35 +1035,13 @@ fn bad_requests_disconnects_and_sigterm() {
 /// decodes from all ids at once.
 #[test]
 fn llama_tokenizer_text_equals_generate() {
-    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
-    if !tokenizer.join("tokenizer.json").is_file() {
-        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+    let Some(tokenizer) = llama32_tokenizer() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
-            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
-            "bos_token_id":128000,"eos_token_id":[128001,128009]}"#,
-    )
-    .unwrap();
-    let model = tmp.path().join("model").display().to_string();
-    overfill_ok(&[
-        "init-model",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        &model,
-        "--seed",
-        "3",
-        "--std",
-        "0.5",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-    ]);
+    let model = init_model_with_tokenizer(tmp.path(), LLAMA32_VOCAB_TINY_CONFIG, "3", &tokenizer)
+        .display()
+        .to_string();
     let server = Server::start(&model, None, &[]);
     for prompt in ["Grüße aus Köln — 日本語 🙂", "Hello"] {
         for chat in [false, true] {

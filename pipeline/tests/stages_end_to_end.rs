@@ -2,36 +2,21 @@
 //! synthetic data + tiny tokenizer → `preprocess` shards → `init-model` → `calibrate-prune` reading
 //! those shards (the recipe's `[data] shards`) → `generate` with the pruned model.
 //! Each stage is checked in its own tests against references; this one checks the hand-offs.
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn overfill(cwd: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill");
-    assert!(
-        out.status.success(),
-        "overfill {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
+use common::{overfill_ok, read_json, repo_root};
 
 #[test]
 fn synth_preprocess_init_calibrate_prune_generate() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = repo_root();
     let tmp = std::env::temp_dir().join(format!("overfill-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
 
-    overfill(&tmp, &["synth-data", "--tokenizer-out", "tok"]);
-    overfill(&tmp, &["synth-data", "--format", "openhermes", "--rows", "200", "--seed", "3", "--out", "raw.json"]);
+    overfill_ok(&tmp, &["synth-data", "--tokenizer-out", "tok"]);
+    overfill_ok(&tmp, &["synth-data", "--format", "openhermes", "--rows", "200", "--seed", "3", "--out", "raw.json"]);
     let model_config = root.join("configs/models/tiny-llama.json");
-    overfill(&tmp, &["init-model", "--config", model_config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
+    overfill_ok(&tmp, &["init-model", "--config", model_config.to_str().unwrap(), "--out", "full", "--seed", "1", "--tokenizer", "tok"]);
 
     // A recipe in the shape of configs/tiny.toml, with small numbers.
     let recipe = r#"
@@ -67,11 +52,11 @@ out = "pruned"
 "#;
     std::fs::write(tmp.join("recipe.toml"), recipe).unwrap();
 
-    overfill(&tmp, &["preprocess", "--config", "recipe.toml"]);
+    overfill_ok(&tmp, &["preprocess", "--config", "recipe.toml"]);
     let manifest = read_json(&tmp.join("shards/manifest.json"));
     assert!(manifest.is_object(), "preprocess wrote a manifest");
 
-    overfill(&tmp, &["calibrate-prune", "--config", "recipe.toml"]);
+    overfill_ok(&tmp, &["calibrate-prune", "--config", "recipe.toml"]);
     let config = read_json(&tmp.join("pruned/config.json"));
     // int((1 - 0.5) * 128) = 64 and int((1 - 0.25) * 352) = 264; heads, KV heads, head_dim and
     // layers unchanged so the pruned decoder can read the full model's KV cache.
@@ -89,8 +74,8 @@ out = "pruned"
     assert!(report["loss_before"].as_f64().unwrap().is_finite());
     assert!(tmp.join("pruned/tokenizer.json").exists(), "tokenizer files are copied");
 
-    let out = overfill(&tmp, &["generate", "--model", "pruned", "--prompt", "Hello", "--max-new-tokens", "4", "--json"]);
-    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = overfill_ok(&tmp, &["generate", "--model", "pruned", "--prompt", "Hello", "--max-new-tokens", "4", "--json"]);
+    let generated: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ids = generated["token_ids"].as_array().unwrap();
     assert!(!ids.is_empty() && ids.len() <= 4);
     assert!(ids.iter().all(|id| id.as_u64().unwrap() < 512));

@@ -10,19 +10,7 @@ use std::sync::OnceLock;
 use tch::Tensor;
 
 mod common;
-use common::{make_train_fixture, overfill, overfill_ok, repo_root, weights};
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn overfill_err(cwd: &Path, args: &[&str]) -> String {
-    let out = overfill(cwd, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "overfill {} should have failed; stderr:\n{stderr}", args.join(" "));
-    stderr
-}
+use common::{make_train_fixture, overfill_err, overfill_ok, python, repo_root, weights};
 
 const RECIPE: &str = r#"
 name = "train-cli"

@@ -2,15 +2,14 @@
 //! transformers running the upstream algorithm (tests/python/two_stage_ref.py); text prompts
 //! rendered with the chat template as transformers' apply_chat_template renders them; sampling,
 //! refresh, batching and the errors on bad input.
-// The model tests' helpers (paths, the cached Python references, comparisons).
-#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use common::{cached_script_output, python_script, read_refs, repo_root, to_vec_i64};
+use common::here::{overfill, overfill_refused, overfill_ok};
+use common::model::{cached_script_output, python_script, read_refs, to_vec_i64};
+use common::{init_model_with_tokenizer, llama32_tokenizer, LLAMA32_VOCAB_TINY_CONFIG};
 use serde_json::Value;
 use tch::Tensor;
 
@@ -26,32 +25,6 @@ fn case(name: &str, which: &str) -> String {
         .to_str()
         .unwrap()
         .to_string()
-}
-
-fn overfill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn overfill_ok(args: &[&str]) -> String {
-    let out = overfill(args);
-    assert!(
-        out.status.success(),
-        "overfill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// stderr of a run that must fail (and not panic).
-fn overfill_err(args: &[&str]) -> String {
-    let out = overfill(args);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "overfill {args:?} succeeded");
-    assert!(!err.contains("panicked"), "{err}");
-    err
 }
 
 /// The `--json` object: the last line of stdout.
@@ -236,7 +209,7 @@ fn seeded_sampling_reproduces_and_top_k_one_is_greedy() {
 fn bad_input_is_a_clear_error() {
     let (full, decoder) = (case("llama3", "full"), case("llama3", "decoder"));
     let shallow = case("llama3", "shallow");
-    let err = overfill_err(&[
+    let err = overfill_refused(&[
         "generate",
         "--model",
         &full,
@@ -251,9 +224,9 @@ fn bad_input_is_a_clear_error() {
         "{err}"
     );
     let two = ["generate", "--model", &full, "--decoder", &decoder];
-    let err = overfill_err(&[&two[..], &["--prompt-ids", ""]].concat());
+    let err = overfill_refused(&[&two[..], &["--prompt-ids", ""]].concat());
     assert!(err.contains("--prompt-ids is empty"), "{err}");
-    let err = overfill_err(&[&two[..], &["--prompt-ids", "5,97"]].concat());
+    let err = overfill_refused(&[&two[..], &["--prompt-ids", "5,97"]].concat());
     assert!(
         err.contains("token id 97") && err.contains("vocabulary"),
         "{err}"
@@ -262,16 +235,16 @@ fn bad_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let jsonl = tmp.path().join("in.jsonl");
     std::fs::write(&jsonl, "{\"prompt_ids\": [5, 6]}\n{\"prompt_ids\": []}\n").unwrap();
-    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    let err = overfill_refused(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
     assert!(err.contains("line 2") && err.contains("is empty"), "{err}");
     std::fs::write(&jsonl, "{\"prompt_ids\": [5, 600]}\n").unwrap();
-    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    let err = overfill_refused(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
     assert!(
         err.contains("line 1") && err.contains("token id 600"),
         "{err}"
     );
     std::fs::write(&jsonl, "{\"prompt\": \"hi\"}\n").unwrap();
-    let err = overfill_err(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
+    let err = overfill_refused(&[&two[..], &["--input", jsonl.to_str().unwrap()]].concat());
     assert!(
         err.contains("tokenizer.json"),
         "a text prompt needs a tokenizer: {err}"
@@ -280,7 +253,7 @@ fn bad_input_is_a_clear_error() {
     // Longer than the model's context (max_position_embeddings 64): an error before any work;
     // a prompt that fits but whose generation would not is a warning (an error with --strict).
     let long = joined(&(0..70).map(|i| 3 + i % 90).collect::<Vec<i64>>());
-    let err = overfill_err(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
+    let err = overfill_refused(&[&two[..], &["--prompt-ids", &long, "--max-new-tokens", "2"]].concat());
     assert!(
         err.contains("the prompt has 70 tokens, more than the model's max_position_embeddings 64"),
         "{err}"
@@ -289,10 +262,10 @@ fn bad_input_is_a_clear_error() {
     let out = overfill(&[&two[..], &["--prompt-ids", &fits, "--max-new-tokens", "8"]].concat());
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the prompt (60 tokens) plus --max-new-tokens 8"));
-    let err = overfill_err(&[&two[..], &["--prompt-ids", &fits, "--max-new-tokens", "8", "--strict"]].concat());
+    let err = overfill_refused(&[&two[..], &["--prompt-ids", &fits, "--max-new-tokens", "8", "--strict"]].concat());
     assert!(err.contains("--strict"), "{err}");
 
-    let err = overfill_err(&[
+    let err = overfill_refused(&[
         "generate",
         "--model",
         &full,
@@ -305,9 +278,9 @@ fn bad_input_is_a_clear_error() {
         err.contains("--decoder"),
         "--refresh-every needs a decoder: {err}"
     );
-    let err = overfill_err(&[&two[..], &["--prompt-ids", "5", "--refresh-every", "0"]].concat());
+    let err = overfill_refused(&[&two[..], &["--prompt-ids", "5", "--refresh-every", "0"]].concat());
     assert!(err.contains("at least 1"), "{err}");
-    let err = overfill_err(
+    let err = overfill_refused(
         &[
             &two[..],
             &["--prompt-ids", "5", "--temperature", "1", "--top-p", "0"],
@@ -321,36 +294,12 @@ fn bad_input_is_a_clear_error() {
 /// the generation prompt; --messages and --system agree; a single text prompt streams its text.
 #[test]
 fn text_prompts_render_the_chat_template_like_transformers() {
-    let tokenizer = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
-    if !tokenizer.join("tokenizer.json").is_file() {
-        eprintln!("skipping: fixture {} is absent", tokenizer.display());
+    let Some(tokenizer) = llama32_tokenizer() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
-            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
-            "bos_token_id":128000,"eos_token_id":[128001,128009]}"#,
-    )
-    .unwrap();
-    let model = tmp.path().join("model");
+    let model = init_model_with_tokenizer(tmp.path(), LLAMA32_VOCAB_TINY_CONFIG, "5", &tokenizer);
     let model_s = model.to_str().unwrap();
-    overfill_ok(&[
-        "init-model",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        model_s,
-        "--seed",
-        "5",
-        "--std",
-        "0.5",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-    ]);
     let messages = tmp.path().join("messages.json");
     std::fs::write(
         &messages,
@@ -404,12 +353,12 @@ fn text_prompts_render_the_chat_template_like_transformers() {
         from_messages["text"].as_str().unwrap()
     );
 
-    let err = overfill_err(&[&gen[..], &["--prompt", "   "]].concat());
+    let err = overfill_refused(&[&gen[..], &["--prompt", "   "]].concat());
     assert!(err.contains("the prompt is empty"), "{err}");
     std::fs::write(&messages, "[]").unwrap();
-    let err = overfill_err(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
+    let err = overfill_refused(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
     assert!(err.contains("has no messages"), "{err}");
     std::fs::write(&messages, r#"[{"role":"wizard","content":"x"}]"#).unwrap();
-    let err = overfill_err(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
+    let err = overfill_refused(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
     assert!(err.contains("unknown role \"wizard\""), "{err}");
 }

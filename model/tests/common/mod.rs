@@ -1,10 +1,12 @@
-//! Shared helpers of the model tests: paths, the Python reference, comparisons.
+//! Shared helpers of the model tests, and (as `common::model`) of the pipeline's command-line
+//! tests: paths, the Python reference, comparisons, config.json edits.
 #![allow(dead_code)]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 pub fn repo_root() -> PathBuf {
@@ -118,4 +120,30 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1)).expect("i64 tensor")
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+pub fn write_json(path: &Path, value: &Value) {
+    std::fs::write(path, serde_json::to_string_pretty(value).unwrap()).unwrap();
+}
+
+/// The 4.x config rewritten as transformers 5 writes it (see ../shared/fixtures/model-configs):
+/// `rope_theta` and `rope_scaling` go, `rope_parameters` holds the rope type, theta and the
+/// scaling keys.
+pub fn to_5x(config: &Value) -> Value {
+    let mut out = config.as_object().unwrap().clone();
+    let theta = out.remove("rope_theta").expect("4.x config has rope_theta");
+    let mut params = match out.remove("rope_scaling") {
+        Some(Value::Object(scaling)) => scaling,
+        _ => serde_json::Map::from_iter([("rope_type".to_string(), json!("default"))]),
+    };
+    params.insert("rope_theta".into(), theta);
+    out.insert("rope_parameters".into(), Value::Object(params));
+    out.insert("transformers_version".into(), json!("5.24.0"));
+    Value::Object(out)
 }

@@ -1,7 +1,11 @@
-//! What the training CLI tests share: running the binary, and the tiny trained-from-nothing fixture
-//! (synthetic data and tokenizer → preprocess → init-model → calibrate-prune) every one of them
-//! starts from.
-#![allow(dead_code)] // each test binary uses its own part of this module
+//! What the command-line tests share: running the `overfill` binary and checking how it ended
+//! (the failure message shows its output), the model tests' helpers (`model`: paths, .venv's
+//! Python, the cached transformers references, comparisons, config.json edits), and the fixtures
+//! several tests start from (the tiny trained-from-nothing training fixture, a tiny model with the
+//! real Llama 3.2 tokenizer, calibration data).
+//!
+//! Every test binary with `mod common;` compiles all of it and uses its own part.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,17 +13,73 @@ use std::process::{Command, Output};
 
 use tch::Tensor;
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+// One copy of the model tests' helpers for both crates' tests.
+#[path = "../../../model/tests/common/mod.rs"]
+pub mod model;
 
+#[allow(unused_imports)] // like the rest of this module, each binary uses its own part
+pub use model::{python, read_json, repo_root, write_json};
+
+/// Runs `overfill ARGS` in `cwd`.
 pub fn overfill(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_overfill")).current_dir(cwd).args(args).output().expect("run overfill")
+    run(Some(cwd), args)
 }
 
 /// Runs a command that must succeed; returns its stdout.
 pub fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
+    stdout(&assert_success(overfill(cwd, args), args))
+}
+
+/// Runs a command that must fail; returns its stderr.
+pub fn overfill_err(cwd: &Path, args: &[&str]) -> String {
     let out = overfill(cwd, args);
+    let stderr = stderr(&out);
+    assert!(!out.status.success(), "overfill {} should have failed; stderr:\n{stderr}", args.join(" "));
+    stderr
+}
+
+/// The same runners in the test's own working directory, for tests whose arguments name
+/// absolute paths.
+pub mod here {
+    use std::process::Output;
+
+    use super::{assert_success, run, stderr, stdout};
+
+    /// Runs `overfill ARGS`.
+    pub fn overfill(args: &[&str]) -> Output {
+        run(None, args)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn overfill_ok(args: &[&str]) -> String {
+        stdout(&assert_success(run(None, args), args))
+    }
+
+    /// Runs a command that must succeed; returns its output (for the warnings on stderr).
+    pub fn overfill_output_ok(args: &[&str]) -> Output {
+        assert_success(run(None, args), args)
+    }
+
+    /// Runs a command that must fail with an error, not a panic; returns its stderr.
+    pub fn overfill_refused(args: &[&str]) -> String {
+        let out = run(None, args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "overfill {args:?} should fail:\n{err}");
+        assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
+        err
+    }
+}
+
+fn run(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_overfill"));
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    command.args(args).output().expect("run overfill")
+}
+
+/// `out` of `overfill ARGS`, which must have succeeded (the failure shows stdout and stderr).
+pub fn assert_success(out: Output, args: &[&str]) -> Output {
     assert!(
         out.status.success(),
         "overfill {} failed:\n{}\n{}",
@@ -27,7 +87,15 @@ pub fn overfill_ok(cwd: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A fresh folder `<target tmp>/<prefix><pid>` holding a tiny Llama (`full`), its tokenizer (`tok`),
@@ -65,4 +133,74 @@ fn remove_fixtures_of_finished_runs(tmp: &Path, prefix: &str) {
 /// The tensors of a decoder folder's `model.safetensors`.
 pub fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(dir.join("model.safetensors")).unwrap().into_iter().collect()
+}
+
+/// The real Llama 3.2 tokenizer fixture, or `None` (and a printed reason) when it is absent.
+pub fn llama32_tokenizer() -> Option<PathBuf> {
+    let dir = repo_root().join("../shared/fixtures/llama-3.2-tokenizer");
+    if dir.join("tokenizer.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: fixture {} is absent", dir.display());
+        None
+    }
+}
+
+/// config.json of a very small Llama with the real Llama 3.2 text vocabulary and special ids.
+pub const LLAMA32_VOCAB_TINY_CONFIG: &str = r#"{"model_type":"llama","vocab_size":128256,"hidden_size":32,"intermediate_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "rms_norm_eps":1e-5,"rope_theta":500000.0,"tie_word_embeddings":true,
+            "bos_token_id":128000,"eos_token_id":[128001,128009]}"#;
+
+/// `init-model --seed SEED --std 0.5` of `config` (config.json text, written to
+/// `dir/config.json`) with `tokenizer`, into `dir/model`; returns that folder.
+pub fn init_model_with_tokenizer(dir: &Path, config: &str, seed: &str, tokenizer: &Path) -> PathBuf {
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config).unwrap();
+    let model = dir.join("model");
+    here::overfill_ok(&[
+        "init-model",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        seed,
+        "--std",
+        "0.5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ]);
+    model
+}
+
+/// `rows` rows of pseudo-random ids below `vocab`, 5 to 40 long, as a JSON list of lists
+/// (xorshift64 from `seed`).
+pub fn write_calibration_data(path: &Path, rows: usize, vocab: u64, seed: u64) {
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let data: Vec<Vec<u64>> = (0..rows).map(|_| (0..5 + next() % 36).map(|_| next() % vocab).collect()).collect();
+    std::fs::write(path, serde_json::to_string(&data).unwrap()).unwrap();
+}
+
+/// Every path under `dir`, files and folders, depth first (each folder's entries in `read_dir`
+/// order, the last folder found walked first).
+pub fn paths_under(dir: &Path) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path.clone());
+            }
+            paths.push(path);
+        }
+    }
+    paths
 }
