@@ -8,9 +8,15 @@
 //! barrier, `iters` timed all-reduces; rank 0 prints one JSON line per sample with the wall seconds
 //! per call and the CPU seconds per call of its whole process (all threads: the caller and Gloo's
 //! workers), which a busy machine inflates far less than wall time.
+//!
+//! `--paced` (what `just bench-ddp` uses): every phase (a size's set-up and warm-up, each sample)
+//! waits until rank 0 reads a line on stdin, then a barrier; rank 0 prints a line when the phase is
+//! done. The driver thus runs this and torch.distributed one sample at a time, alternately, with
+//! only one of them active at a time, so a load that comes and goes hits both alike.
+use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -33,6 +39,9 @@ pub struct Args {
     /// Collective timeout in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Wait for a line on rank 0's stdin before every phase; print a line after it.
+    #[arg(long)]
+    pub paced: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -47,7 +56,31 @@ pub fn run(args: Args) -> Result<()> {
     }
     let dist = Dist::from_env(Device::Cpu, Duration::from_secs(args.timeout))?;
     let world = dist.world_size() as f64;
+    // Before a phase: the go-ahead (paced), then every rank starts together.
+    let begin_phase = || -> Result<()> {
+        if args.paced && dist.is_main() {
+            let mut line = String::new();
+            if std::io::stdin().lock().read_line(&mut line).context("reading the go-ahead on stdin")? == 0 {
+                bail!("stdin closed before the benchmark ended (--paced waits for a line before each phase)");
+            }
+        }
+        dist.barrier()
+    };
+    let report = |line: serde_json::Value| -> Result<()> {
+        if dist.is_main() {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        Ok(())
+    };
+    if args.paced {
+        report(json!({"ready": "init"}))?;
+    }
     for (&mib, &iters) in args.sizes_mib.iter().zip(&iters) {
+        if args.paced {
+            begin_phase()?;
+        }
         let numel = (mib * (1 << 18) as f64).round() as i64;
         if numel < 1 {
             bail!("--sizes-mib {mib} is less than one f32");
@@ -64,20 +97,19 @@ pub fn run(args: Args) -> Result<()> {
         for _ in 0..args.warmup {
             dist.all_reduce_sum(std::slice::from_ref(&tensor))?;
         }
-        for sample in 0..args.samples {
+        if args.paced {
             dist.barrier()?;
+            report(json!({"ready": mib}))?;
+        }
+        for sample in 0..args.samples {
+            begin_phase()?;
             let (started, cpu_started) = (Instant::now(), process_cpu_seconds());
             for _ in 0..iters {
                 dist.all_reduce_sum(std::slice::from_ref(&tensor))?;
             }
             let seconds = started.elapsed().as_secs_f64() / iters as f64;
             let cpu_seconds = (process_cpu_seconds() - cpu_started) / iters as f64;
-            if dist.is_main() {
-                println!(
-                    "{}",
-                    json!({"impl": "overfill", "mib": mib, "world_size": dist.world_size(), "sample": sample, "iters": iters, "seconds": seconds, "cpu_seconds": cpu_seconds})
-                );
-            }
+            report(json!({"impl": "overfill", "mib": mib, "world_size": dist.world_size(), "sample": sample, "iters": iters, "seconds": seconds, "cpu_seconds": cpu_seconds}))?;
         }
     }
     Ok(())

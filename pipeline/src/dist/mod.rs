@@ -6,6 +6,27 @@
 //! Faults: every collective runs under the group's timeout, and a failed one is reported with a
 //! diagnosis of the other ranks read from the rendezvous store (which rank is gone or behind), so
 //! a dead or hung peer ends this rank with an error naming it instead of a silent hang.
+//!
+//! Gradients are all-reduced after the last micro-batch's backward, in buckets, not overlapped
+//! with backward. What overlapping would take (torch 2.11's headers under
+//! `torch/include/torch/csrc/distributed/c10d/`):
+//! - c10d's `Reducer` (`reducer.hpp`, DDP's bucketing and overlap engine) is plain C++ compiled
+//!   into `libtorch_cpu.so` and could be driven from the shim: it needs a `c10d::ProcessGroup`
+//!   (the shim holds a `Backend`; a `ProcessGroup` wrapping it via `setBackend`), the parameters,
+//!   buckets from `compute_bucket_assignment_by_size`, and a comm hook (`register_comm_hook` with a
+//!   `CppCommHookInterface` from `comm.hpp` doing a plain SUM: without one the Reducer divides every
+//!   bucket by the world size, `div_factor_`, and our loss is already the global token mean). Each
+//!   step, `prepare_for_backward` before the last micro-batch's backward arms its post-hooks on the
+//!   parameters' AccumulateGrad nodes; buckets are reduced as they fill and `finalize_backward`
+//!   (queued on the autograd engine) writes the sums back into `.grad`.
+//! - It is not used because it reduces `.grad`: in bf16 the optimizer moves each micro-batch's
+//!   gradients into fp32 accumulators (`AdamW::accumulate_micro_batch`), so the Reducer would sum
+//!   only the last micro-batch, in bf16; and ZeRO-1 needs a reduce-scatter, which it does not do.
+//!   Using it means keeping the accumulation in `.grad` (a change to the training step).
+//! - Without the Reducer, per-parameter hooks from the shim (`at::Tensor::register_hook` in
+//!   `ATen/core/TensorBody.h`, or a `PostAccumulateGradHook` in `torch/csrc/autograd/function_hook.h`;
+//!   tch has no hook API) would need our own readiness tracking and buckets, i.e. re-writing the
+//!   Reducer.
 pub mod bench;
 pub mod budget;
 pub mod stop;
