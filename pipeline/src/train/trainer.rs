@@ -102,27 +102,25 @@ struct Window {
     started: Option<Instant>,
 }
 
-/// Keeps the memory libtorch frees for the next step instead of handing it back to the kernel.
+/// Asks libtorch to back CPU tensors of 2 MiB and more with transparent huge pages
+/// (`THP_MEM_ALLOC_ENABLE`, read once, at its first allocation), unless the environment already
+/// says otherwise.
 ///
-/// Every step allocates and frees the same tensors, the largest (the LM head's [tokens, vocab]
-/// logits and their gradients) far above glibc's mmap threshold (at most 32 MiB): glibc maps
-/// each afresh and unmaps it when freed, so every step faulted in and zeroed them again (about a
-/// tenth of a CPU step at the `bench-train` shapes). With mmap off and no trimming, freed memory
-/// stays in the heap for the next step: the peak resident memory is the step's peak as before, it
-/// is only not returned between steps. (PyTorch's CPU tuning guide gets the same by preloading
-/// jemalloc or tcmalloc.)
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; any value is valid to set.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+/// Every step allocates and frees the same large tensors (the LM head's [tokens, vocab] logits and
+/// their gradients, ~100 MiB each at the `bench-train` shapes); glibc maps each afresh, so every
+/// step faulted them in 4 KiB page by page (about a tenth of a CPU step). With huge pages that is
+/// 512 times fewer faults and fewer TLB misses in the matmuls, for ~60 MiB more peak memory. Call
+/// before the process creates its first tensor; later it changes nothing.
+pub fn use_huge_pages_for_large_tensors() {
+    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
     }
 }
 
 pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
     let TrainInputs { settings, device, kind, train, val, steps_per_epoch, total_steps, resume_from } = inputs;
-    keep_freed_memory();
+    use_huge_pages_for_large_tensors();
     let t = settings.train.clone();
     let is_writer = reducer.rank() == 0;
     tch::manual_seed(t.seed as i64);
