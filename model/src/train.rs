@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::config::ModelConfig;
-use crate::transformer::{IdsOrigin, Transformer};
+use crate::transformer::{SpanTokens, Transformer};
 
 /// Label of a position that predicts nothing (padding); the value transformers uses.
 pub const IGNORE_INDEX: i64 = -100;
@@ -32,6 +32,8 @@ pub struct TrainBatch {
     pub context_mask: Tensor,
     /// [B, Tc] i64, cumsum(mask) - 1, padding clamped to 0
     pub context_positions: Tensor,
+    /// [Rc] i64: the flat indices (row · Tc + j) of the real context slots, found on the host
+    pub context_real: Tensor,
     /// [B, N] i64: y0..y(N-1) of each row, right-padded
     pub target_inputs: Tensor,
     /// [B, N] i64
@@ -40,7 +42,8 @@ pub struct TrainBatch {
     pub target_positions: Tensor,
     /// [B, N] i64: y1..yN, IGNORE_INDEX on padding
     pub labels: Tensor,
-    /// [M] i64: the flat indices (row · N + j) of the labels != IGNORE_INDEX, found on the host
+    /// [M] i64: the flat indices (row · N + j) of the labels != IGNORE_INDEX, found on the host;
+    /// also the real target slots (the target inputs y0..y(N-1) are exactly the scored positions)
     pub scored: Tensor,
     /// labels != IGNORE_INDEX, counted on the host
     pub predicted_tokens: i64,
@@ -81,6 +84,7 @@ impl TrainBatch {
         let mut target_mask = vec![0i64; b * n];
         let mut target_positions = vec![0i64; b * n];
         let mut labels = vec![IGNORE_INDEX; b * n];
+        let mut context_real = Vec::new();
         let mut scored = Vec::new();
         for (row, (context, target)) in rows.iter().enumerate() {
             let start = row * tc + tc - context.len();
@@ -88,6 +92,7 @@ impl TrainBatch {
                 context_ids[start + j] = id as i64;
                 context_mask[start + j] = 1;
                 context_positions[start + j] = j as i64;
+                context_real.push((start + j) as i64);
             }
             let start = row * n;
             for j in 0..target.len() - 1 {
@@ -114,6 +119,7 @@ impl TrainBatch {
             context_ids: tensor(&context_ids, tc),
             context_mask: tensor(&context_mask, tc),
             context_positions: tensor(&context_positions, tc),
+            context_real: Tensor::from_slice(&context_real).to_device(device),
             target_inputs: tensor(&target_inputs, n),
             target_mask: tensor(&target_mask, n),
             target_positions: tensor(&target_positions, n),
@@ -129,6 +135,7 @@ impl TrainBatch {
             context_ids: self.context_ids.to_device(device),
             context_mask: self.context_mask.to_device(device),
             context_positions: self.context_positions.to_device(device),
+            context_real: self.context_real.to_device(device),
             target_inputs: self.target_inputs.to_device(device),
             target_mask: self.target_mask.to_device(device),
             target_positions: self.target_positions.to_device(device),
@@ -219,8 +226,9 @@ pub fn loss_sum(
             batch.context_ids.device()
         );
     }
-    // The ids were range-checked here, on the host: the forward passes below need not wait
-    // for the device to check them again.
+    // The ids are range-checked here, on the host, so the forward passes below need not wait
+    // for the device to check them again; they compute the real slots only (padding costs
+    // nothing in the projections and MLPs).
     let vocab = decoder.config.vocab_size as i64;
     if batch.max_token_id >= vocab {
         bail!(
@@ -239,21 +247,21 @@ pub fn loss_sum(
                 );
             }
             let past = full
-                .prefill_kv_checked(
+                .prefill_kv_with(
                     &batch.context_ids,
                     &batch.context_positions,
                     &batch.context_mask,
-                    IdsOrigin::InRange,
+                    SpanTokens::Real(&batch.context_real),
                 )
                 .context("full-model prefill of the context")?;
             let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
             decoder
-                .forward_train_hidden_checked(
+                .forward_train_hidden_with(
                     &batch.target_inputs,
                     &batch.target_positions,
                     &mask,
                     Some(&past),
-                    IdsOrigin::InRange,
+                    SpanTokens::Real(&batch.scored),
                 )
                 .context("decoder forward over the target")?
         }
@@ -263,8 +271,22 @@ pub fn loss_sum(
             let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
             let context_width = batch.context_ids.size()[1];
             let target_width = batch.target_inputs.size()[1];
+            // The real slots of context ‖ target: row · (Tc + N) + j.
+            let width = context_width + target_width;
+            let context = &batch.context_real;
+            let target = &batch.scored;
+            let real = Tensor::cat(
+                &[
+                    context.floor_divide_scalar(context_width) * width
+                        + context.remainder(context_width),
+                    target.floor_divide_scalar(target_width) * width
+                        + context_width
+                        + target.remainder(target_width),
+                ],
+                0,
+            );
             decoder
-                .forward_train_hidden_checked(&ids, &positions, &mask, None, IdsOrigin::InRange)
+                .forward_train_hidden_with(&ids, &positions, &mask, None, SpanTokens::Real(&real))
                 .context("forward over context and target")?
                 .narrow(1, context_width, target_width)
         }
