@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{make_train_fixture, overfill_ok, repo_root, weights};
+use common::{make_train_fixture, overfill_ok, python, repo_root, weights};
 
 const RECIPE: &str = r#"
 name = "ddp-cli"
@@ -93,10 +93,6 @@ fn assert_same_run(reference: &Path, run: &Path, what: &str) {
     }
     let diff = max_weight_difference(&reference.join("final"), &run.join("final"));
     assert!(diff <= 5e-5, "{what}: final decoder differs from one process by {diff}");
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("OVERFILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
 }
 
 /// (step, value) of every `eval/loss` in a run's event files, read by TensorBoard's own reader.
