@@ -19,7 +19,7 @@ use serde_json::json;
 use tch::Device;
 
 use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
-use crate::train::trainer::use_huge_pages_for_large_tensors;
+use crate::train::trainer::keep_freed_memory;
 use crate::train::TrainMode;
 
 #[derive(clap::Args, Debug)]
@@ -77,8 +77,8 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    // As the trainer does, before the first tensor.
-    use_huge_pages_for_large_tensors();
+    // As the trainer does: the step's freed tensors stay in the heap for the next step.
+    keep_freed_memory();
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }

@@ -102,25 +102,28 @@ struct Window {
     started: Option<Instant>,
 }
 
-/// Asks libtorch to back CPU tensors of 2 MiB and more with transparent huge pages
-/// (`THP_MEM_ALLOC_ENABLE`, read once, at its first allocation), unless the environment already
-/// says otherwise.
+/// Keeps the memory libtorch frees for the next step instead of handing it back to the kernel.
 ///
-/// Every step allocates and frees the same large tensors (the LM head's [tokens, vocab] logits and
-/// their gradients, ~100 MiB each at the `bench-train` shapes); glibc maps each afresh, so every
-/// step faulted them in 4 KiB page by page (about a tenth of a CPU step). With huge pages that is
-/// 512 times fewer faults and fewer TLB misses in the matmuls, for ~60 MiB more peak memory. Call
-/// before the process creates its first tensor; later it changes nothing.
-pub fn use_huge_pages_for_large_tensors() {
-    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
-    if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, "1");
+/// Every step allocates and frees the same tensors. glibc maps large ones afresh and unmaps them
+/// when freed, and trims the heap's free top, so every step faulted in and zeroed them again, page
+/// by page (about a tenth of a CPU step at the `bench-train` shapes). With mmap off and no
+/// trimming, freed memory stays in the heap for the next step. The peak resident memory stays the
+/// step's peak because the largest per-step tensors, the loss's logits, come in blocks of at most
+/// 16 MiB (`overfill_model::train::loss_sum`) that reuse each other's memory. (PyTorch's CPU tuning
+/// guide gets the same by preloading jemalloc or tcmalloc; transparent huge pages, libtorch's
+/// `THP_MEM_ALLOC_ENABLE`, were as fast on average but stalled on compaction: steps of 1.0-1.45 s.)
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; any value is valid to set.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 
 pub fn train(inputs: TrainInputs, reducer: &dyn GradientReducer) -> Result<()> {
     let TrainInputs { settings, device, kind, train, val, steps_per_epoch, total_steps, resume_from } = inputs;
-    use_huge_pages_for_large_tensors();
+    keep_freed_memory();
     let t = settings.train.clone();
     let is_writer = reducer.rank() == 0;
     tch::manual_seed(t.seed as i64);
