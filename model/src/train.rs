@@ -23,10 +23,11 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Token id written into padding slots (never attended to, never scored).
 const PAD_ID: i64 = 0;
 
-/// Largest block of f32 logits the loss computes at once: 16 MiB, [131, V] rows for a 32k
-/// vocabulary, [32, V] for Llama 3's 128k. Below glibc's largest mmap threshold (32 MiB), so a
-/// block's memory comes from the heap and is reused.
-const LOGITS_BLOCK_BYTES: i64 = 16 << 20;
+/// Largest block of f32 logits the loss computes at once: 30 MiB, [245, V] rows for a 32k
+/// vocabulary, [61, V] for Llama 3's 128k. Below glibc's largest mmap threshold (32 MiB), so
+/// that on the CPU a block's memory comes from the heap and is reused (see the trainer's
+/// `keep_freed_memory`).
+const LOGITS_BLOCK_BYTES: i64 = 30 << 20;
 
 /// (context, target) rows as tensors. Context left-padded, target right-padded (pad id 0).
 #[derive(Debug)]
@@ -301,8 +302,8 @@ pub fn loss_sum(
     let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
     let hidden = hidden.reshape([-1, d]).index_select(0, &batch.scored); // [M, D]
     // In blocks of rows, so that the [rows, V] logits and their gradients are small: the
-    // backward's temporaries exist one block at a time, and on the CPU each block is reused from
-    // the heap instead of mapped afresh and faulted in every step (see `LOGITS_BLOCK_BYTES`).
+    // backward's temporaries exist one block at a time, and on the CPU each block reuses heap
+    // memory instead of being mapped afresh and faulted in every step (`LOGITS_BLOCK_BYTES`).
     let rows = (LOGITS_BLOCK_BYTES / (vocab * 4)).max(1);
     let mut block_losses = Vec::new();
     for (hidden, labels) in hidden.split(rows, 0).iter().zip(labels.split(rows, 0)) {

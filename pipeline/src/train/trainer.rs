@@ -104,19 +104,19 @@ struct Window {
 
 /// Keeps the memory libtorch frees for the next step instead of handing it back to the kernel.
 ///
-/// Every step allocates and frees the same tensors. glibc maps large ones afresh and unmaps them
-/// when freed, and trims the heap's free top, so every step faulted in and zeroed them again, page
-/// by page (about a tenth of a CPU step at the `bench-train` shapes). With mmap off and no
-/// trimming, freed memory stays in the heap for the next step. The peak resident memory stays the
-/// step's peak because the largest per-step tensors, the loss's logits, come in blocks of at most
-/// 16 MiB (`overfill_model::train::loss_sum`) that reuse each other's memory. (PyTorch's CPU tuning
-/// guide gets the same by preloading jemalloc or tcmalloc; transparent huge pages, libtorch's
-/// `THP_MEM_ALLOC_ENABLE`, were as fast on average but stalled on compaction: steps of 1.0-1.45 s.)
+/// Every step allocates and frees the same tensors. By default glibc gives the free top of its
+/// heap back to the kernel, so every step faulted in and zeroed that memory again, page by page.
+/// Here the heap is never trimmed, and every allocation below glibc's largest mmap threshold
+/// (32 MiB) comes from the heap, including the loss's blocks of logits
+/// (`overfill_model::train::loss_sum`); larger tensors are still mapped and unmapped, so they
+/// cannot fragment the heap. (PyTorch's CPU tuning guide gets the same by preloading jemalloc
+/// or tcmalloc. Transparent huge pages, libtorch's `THP_MEM_ALLOC_ENABLE`, stalled on compaction
+/// here: steps of 1.0 to 1.45 s.)
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; any value is valid to set.
+    // SAFETY: mallopt only changes glibc's allocation policy; both values are in range.
     unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
