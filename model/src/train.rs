@@ -23,11 +23,19 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Token id written into padding slots (never attended to, never scored).
 const PAD_ID: i64 = 0;
 
-/// Largest block of f32 logits the loss computes at once: 30 MiB, [245, V] rows for a 32k
-/// vocabulary, [61, V] for Llama 3's 128k. Below glibc's largest mmap threshold (32 MiB), so
-/// that on the CPU a block's memory comes from the heap and is reused (see the trainer's
-/// `keep_freed_memory`).
-const LOGITS_BLOCK_BYTES: i64 = 30 << 20;
+/// Largest block of f32 logits the loss computes at once, in bytes.
+///
+/// On the CPU 30 MiB ([245, V] rows for a 32k vocabulary, [61, V] for Llama 3's 128k): below
+/// glibc's largest mmap threshold (32 MiB), so a block's memory comes from the heap and is reused
+/// (the trainer's `keep_freed_memory`) instead of being mapped and faulted in again every step.
+/// On a GPU 1 GiB: every block reads the whole [V, D] LM head again, so blocks of a few dozen
+/// rows would make its matmul memory-bound; the block only bounds the temporaries.
+fn logits_block_bytes(device: Device) -> i64 {
+    match device {
+        Device::Cpu => 30 << 20,
+        _ => 1 << 30,
+    }
+}
 
 /// (context, target) rows as tensors. Context left-padded, target right-padded (pad id 0).
 #[derive(Debug)]
@@ -301,10 +309,20 @@ pub fn loss_sum(
     let d = hidden.size()[2];
     let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
     let hidden = hidden.reshape([-1, d]).index_select(0, &batch.scored); // [M, D]
-    // In blocks of rows, so that the [rows, V] logits and their gradients are small: the
-    // backward's temporaries exist one block at a time, and on the CPU each block reuses heap
-    // memory instead of being mapped afresh and faulted in every step (`LOGITS_BLOCK_BYTES`).
-    let rows = (LOGITS_BLOCK_BYTES / (vocab * 4)).max(1);
+                                                                         // In blocks of rows (`logits_block_bytes`): the backward's [rows, V] temporaries exist one
+                                                                         // block at a time.
+    let rows = (logits_block_bytes(device) / (vocab * 4)).max(1);
+    cross_entropy_sum(decoder, &hidden, &labels, rows)
+}
+
+/// Σ cross-entropy of the LM head's logits of `hidden` [M, D] against `labels` [M], computed
+/// `rows` rows at a time.
+fn cross_entropy_sum(
+    decoder: &Transformer,
+    hidden: &Tensor,
+    labels: &Tensor,
+    rows: i64,
+) -> Result<Tensor> {
     let mut block_losses = Vec::new();
     for (hidden, labels) in hidden.split(rows, 0).iter().zip(labels.split(rows, 0)) {
         let logits = decoder.lm_head(hidden).to_kind(Kind::Float); // [rows, V]
@@ -365,5 +383,59 @@ impl Transformer {
                 .with_context(|| format!("copying parameter {name}"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transformer::random_tensors;
+
+    /// The loss in blocks of rows equals the one-block loss, and so do its gradients (the blocks
+    /// of a real vocabulary are far larger than any reference test's batch).
+    #[test]
+    fn cross_entropy_in_blocks_equals_one_block() {
+        let config = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":50,"hidden_size":16,"intermediate_size":32,
+                "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":8,
+                "rms_norm_eps":1e-5,"max_position_embeddings":64}"#,
+        )
+        .unwrap();
+        let tensors = random_tensors(&config, 0.5, 3, Device::Cpu, Kind::Float).unwrap();
+        let decoder = Transformer::from_tensors(config, tensors).unwrap();
+        decoder.set_requires_grad(true);
+        let head = &decoder
+            .parameters()
+            .into_iter()
+            .find(|(n, _)| n == "lm_head.weight")
+            .unwrap()
+            .1;
+        let labels = Tensor::from_slice(&[3i64, 49, 0, 7, 7, 21, 30]);
+        let hidden = Tensor::randn([7, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mut results = Vec::new();
+        for rows in [7, 3, 1] {
+            let loss = cross_entropy_sum(&decoder, &hidden, &labels, rows).unwrap();
+            loss.backward();
+            results.push((
+                loss.double_value(&[]),
+                hidden.grad().copy(),
+                head.grad().copy(),
+            ));
+            tch::no_grad(|| {
+                let _ = hidden.grad().zero_();
+                let _ = head.grad().zero_();
+            });
+        }
+        let (loss, hidden_grad, head_grad) = &results[0];
+        assert!(*loss > 0.0);
+        for (blocked_loss, blocked_hidden_grad, blocked_head_grad) in &results[1..] {
+            assert!(
+                (blocked_loss - loss).abs() < 1e-5 * loss,
+                "{blocked_loss} vs {loss}"
+            );
+            let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+            assert!(diff(blocked_hidden_grad, hidden_grad) < 1e-5);
+            assert!(diff(blocked_head_grad, head_grad) < 1e-5);
+        }
     }
 }
