@@ -309,8 +309,9 @@ pub fn loss_sum(
     let d = hidden.size()[2];
     let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
     let hidden = hidden.reshape([-1, d]).index_select(0, &batch.scored); // [M, D]
-                                                                         // In blocks of rows (`logits_block_bytes`): the backward's [rows, V] temporaries exist one
-                                                                         // block at a time.
+
+    // In blocks of rows (`logits_block_bytes`): the [rows, V] temporaries of the forward and the
+    // backward come from the heap and are reused block after block.
     let rows = (logits_block_bytes(device) / (vocab * 4)).max(1);
     cross_entropy_sum(decoder, &hidden, &labels, rows)
 }
