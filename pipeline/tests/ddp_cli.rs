@@ -10,57 +10,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{make_train_fixture, overfill_ok, python, repo_root, weights};
-
-const RECIPE: &str = r#"
-name = "ddp-cli"
-[model]
-path = "full"
-[data]
-shards = "shards"
-tokenizer = "tok"
-template = "llama3"
-[[sources]]
-name = "synthetic"
-path = "raw.json"
-format = "openhermes"
-[preprocess]
-pre_filter_max_seq_length = 1000
-max_seq_length = 1024
-val_size = 10
-seed = 0
-rows_per_shard = 100
-[calibrate]
-calib_size = 8
-batch_size = 4
-max_seq_len = 48
-dtype = "f32"
-device = "cpu"
-[prune]
-width_hidden = 0.5
-width_intermediate = 0.25
-out = "pruned"
-[train]
-device = "cpu"
-dtype = "f32"
-threads = 1
-learning_rate = 1e-3
-warmup_ratio = 0.1
-weight_decay = 0.01
-per_device_batch_size = 2
-gradient_accumulation_steps = 2
-max_seq_length = 1024
-logging_steps = 1
-eval_steps = 0
-eval_max_rows = 8
-save_steps = 0
-collective_timeout_secs = 60
-"#;
+use common::{make_train_fixture, overfill_ok, python, repo_root, tiny_train_recipe, weights};
 
 /// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| make_train_fixture("ddp-cli-", RECIPE))
+    DIR.get_or_init(|| make_train_fixture("ddp-cli-", &tiny_train_recipe("ddp-cli", "collective_timeout_secs = 60\n")))
 }
 
 fn log_lines(run: &Path) -> Vec<serde_json::Value> {

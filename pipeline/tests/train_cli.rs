@@ -10,56 +10,12 @@ use std::sync::OnceLock;
 use tch::Tensor;
 
 mod common;
-use common::{make_train_fixture, overfill_err, overfill_ok, python, repo_root, weights};
-
-const RECIPE: &str = r#"
-name = "train-cli"
-[model]
-path = "full"
-[data]
-shards = "shards"
-tokenizer = "tok"
-template = "llama3"
-[[sources]]
-name = "synthetic"
-path = "raw.json"
-format = "openhermes"
-[preprocess]
-pre_filter_max_seq_length = 1000
-max_seq_length = 1024
-val_size = 10
-seed = 0
-rows_per_shard = 100
-[calibrate]
-calib_size = 8
-batch_size = 4
-max_seq_len = 48
-dtype = "f32"
-device = "cpu"
-[prune]
-width_hidden = 0.5
-width_intermediate = 0.25
-out = "pruned"
-[train]
-device = "cpu"
-dtype = "f32"
-threads = 1
-learning_rate = 1e-3
-warmup_ratio = 0.1
-weight_decay = 0.01
-per_device_batch_size = 2
-gradient_accumulation_steps = 2
-max_seq_length = 1024
-logging_steps = 1
-eval_steps = 0
-eval_max_rows = 8
-save_steps = 0
-"#;
+use common::{make_train_fixture, overfill_err, overfill_ok, python, repo_root, tiny_train_recipe, weights};
 
 /// synth-data → preprocess → init-model → calibrate-prune, once per test binary.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| make_train_fixture("train-cli-", RECIPE))
+    DIR.get_or_init(|| make_train_fixture("train-cli-", &tiny_train_recipe("train-cli", "")))
 }
 
 /// One trained run (4 steps, overfill) shared by the tests that only read it.
@@ -290,7 +246,7 @@ fn bad_input_is_refused_before_any_work() {
     // Shards with an empty split: preprocess with no validation rows (val empty), then the same
     // manifest with its splits swapped (train empty).
     overfill_ok(dir, &["synth-data", "--format", "openhermes", "--rows", "6", "--seed", "5", "--out", "few.json"]);
-    let few = RECIPE.replace("raw.json", "few.json").replace("val_size = 10", "val_size = 0").replace("\"shards\"", "\"few-shards\"");
+    let few = tiny_train_recipe("train-cli", "").replace("raw.json", "few.json").replace("val_size = 10", "val_size = 0").replace("\"shards\"", "\"few-shards\"");
     std::fs::write(dir.join("few.toml"), few).unwrap();
     overfill_ok(dir, &["preprocess", "--config", "few.toml"]);
     let err = overfill_err(dir, &["eval-loss", "--mode", "sft", "--decoder", "pruned", "--data", "few-shards", "--split", "val", "--json"]);

@@ -98,6 +98,57 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The recipe of the tiny training fixture (`make_train_fixture`): synthetic OpenHermes rows, the
+/// tiny Llama, P = 0.5 / 0.25 calibrate-prune, CPU f32 training at batch 2 × accumulation 2;
+/// `extra_train_keys` are appended to its `[train]` table.
+pub fn tiny_train_recipe(name: &str, extra_train_keys: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[model]
+path = "full"
+[data]
+shards = "shards"
+tokenizer = "tok"
+template = "llama3"
+[[sources]]
+name = "synthetic"
+path = "raw.json"
+format = "openhermes"
+[preprocess]
+pre_filter_max_seq_length = 1000
+max_seq_length = 1024
+val_size = 10
+seed = 0
+rows_per_shard = 100
+[calibrate]
+calib_size = 8
+batch_size = 4
+max_seq_len = 48
+dtype = "f32"
+device = "cpu"
+[prune]
+width_hidden = 0.5
+width_intermediate = 0.25
+out = "pruned"
+[train]
+device = "cpu"
+dtype = "f32"
+threads = 1
+learning_rate = 1e-3
+warmup_ratio = 0.1
+weight_decay = 0.01
+per_device_batch_size = 2
+gradient_accumulation_steps = 2
+max_seq_length = 1024
+logging_steps = 1
+eval_steps = 0
+eval_max_rows = 8
+save_steps = 0
+{extra_train_keys}"#
+    )
+}
+
+
 /// A fresh folder `<target tmp>/<prefix><pid>` holding a tiny Llama (`full`), its tokenizer (`tok`),
 /// shards (`shards`) and its calibrate-pruned decoder (`pruned`), made by the real commands from
 /// `recipe` (written as `recipe.toml`). Folders of earlier test processes that are gone are
