@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tiny_decoder import slice_decoder
+
 IGNORE_INDEX = -100
 
 # (context lengths, target lengths incl. y0) per row.
@@ -75,31 +77,6 @@ def cases():
 
 DECODER_HIDDEN = 40
 DECODER_INTERMEDIATE = 56
-
-
-def slice_decoder(name, full, config_cls, model_cls, kwargs):
-    """The full model's weights cut to the first DECODER_HIDDEN residual channels and the first
-    DECODER_INTERMEDIATE MLP channels; attention heads untouched."""
-    config = config_cls(**dict(kwargs, hidden_size=DECODER_HIDDEN, intermediate_size=DECODER_INTERMEDIATE))
-    decoder = model_cls(config).eval()
-    d, i = DECODER_HIDDEN, DECODER_INTERMEDIATE
-    state = {}
-    for key, w in full.state_dict().items():
-        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
-            w = w[:, :d]
-        elif key.endswith("norm.weight"):
-            w = w[:d]
-        elif key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            w = w[:, :d]
-        elif key.endswith("o_proj.weight"):
-            w = w[:d, :]
-        elif key.endswith(("gate_proj.weight", "up_proj.weight")):
-            w = w[:i, :d]
-        elif key.endswith("down_proj.weight"):
-            w = w[:d, :i]
-        state[key] = w.clone()
-    decoder.load_state_dict(state, strict=True)
-    return decoder
 
 
 def make_rows(config, lengths, g):
@@ -175,7 +152,7 @@ def make(out_dir: Path):
                 for layer in full.model.layers:
                     for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                         proj.bias.normal_(0.0, 0.5)
-        decoder = slice_decoder(name, full, config_cls, model_cls, kwargs)
+        decoder = slice_decoder(full, config_cls, model_cls, kwargs, DECODER_HIDDEN, DECODER_INTERMEDIATE)
         case_dir = out_dir / name
         full.save_pretrained(case_dir / "full", safe_serialization=True)
         decoder.save_pretrained(case_dir / "decoder", safe_serialization=True)

@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tiny_decoder import slice_decoder
+
 NEW_TOKENS = 10
 SINGLE_LENGTH = 9
 BATCH_LENGTHS = [7, 3, 5]
@@ -65,31 +67,6 @@ def cases():
         "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM,
                        dict(common, rope_theta=1000000.0, tie_word_embeddings=True)),
     }
-
-
-def slice_decoder(full, config_cls, model_cls, kwargs):
-    """The first DECODER_HIDDEN residual and DECODER_INTERMEDIATE MLP channels of the full model;
-    attention heads untouched (the shape calibrate-prune produces)."""
-    config = config_cls(**dict(kwargs, hidden_size=DECODER_HIDDEN, intermediate_size=DECODER_INTERMEDIATE))
-    decoder = model_cls(config).eval()
-    d, i = DECODER_HIDDEN, DECODER_INTERMEDIATE
-    state = {}
-    for key, w in full.state_dict().items():
-        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
-            w = w[:, :d]
-        elif key.endswith("norm.weight"):
-            w = w[:d]
-        elif key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            w = w[:, :d]
-        elif key.endswith("o_proj.weight"):
-            w = w[:d, :]
-        elif key.endswith(("gate_proj.weight", "up_proj.weight")):
-            w = w[:i, :d]
-        elif key.endswith("down_proj.weight"):
-            w = w[:d, :i]
-        state[key] = w.clone()
-    decoder.load_state_dict(state, strict=True)
-    return decoder
 
 
 @torch.no_grad()
@@ -168,7 +145,7 @@ def make(out_dir: Path):
                 for layer in full.model.layers:
                     for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                         proj.bias.normal_(0.0, 0.5)
-        decoder = slice_decoder(full, config_cls, model_cls, kwargs)
+        decoder = slice_decoder(full, config_cls, model_cls, kwargs, DECODER_HIDDEN, DECODER_INTERMEDIATE)
         shallow = model_cls(config_cls(**dict(kwargs, num_hidden_layers=1, hidden_size=DECODER_HIDDEN,
                                               intermediate_size=DECODER_INTERMEDIATE))).eval()
         case_dir = out_dir / name

@@ -51,13 +51,23 @@ pub fn reference_dir() -> &'static Path {
         .as_path()
 }
 
-/// `tests/python/SCRIPT make DIR`, run once per version of the script into
-/// `<target>/release/CACHE/<hash>` (see `reference_dir`); returns that folder.
+/// Modules of tests/python that reference scripts import: part of every script's version.
+const SHARED_REFERENCE_MODULES: [&str; 1] = ["tiny_decoder.py"];
+
+/// `tests/python/SCRIPT make DIR`, run once per version of the script (and of the shared
+/// modules it may import) into `<target>/release/CACHE/<hash>` (see `reference_dir`); returns
+/// that folder.
 pub fn cached_script_output(script_name: &str, cache_name: &str) -> PathBuf {
-    let script = std::fs::read(repo_root().join("tests/python").join(script_name))
-        .unwrap_or_else(|e| panic!("tests/python/{script_name}: {e}"));
+    let read = |name: &str| {
+        std::fs::read(repo_root().join("tests/python").join(name))
+            .unwrap_or_else(|e| panic!("tests/python/{name}: {e}"))
+    };
+    let mut sources = read(script_name);
+    for module in SHARED_REFERENCE_MODULES {
+        sources.extend(read(module));
+    }
     // FNV-1a: a stable content hash without extra dependencies.
-    let hash = script.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+    let hash = sources.iter().fold(0xcbf29ce484222325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
     let exe = std::env::current_exe().expect("test executable path");
