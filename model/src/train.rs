@@ -270,7 +270,7 @@ pub fn loss_sum(
                 .context("full-model prefill of the context")?;
             let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
             decoder
-                .forward_train_hidden_with(
+                .forward_train_hidden(
                     &batch.target_inputs,
                     &batch.target_positions,
                     &mask,
@@ -300,7 +300,7 @@ pub fn loss_sum(
                 0,
             );
             decoder
-                .forward_train_hidden_with(&ids, &positions, &mask, None, SpanTokens::Real(&real))
+                .forward_train_hidden(&ids, &positions, &mask, None, SpanTokens::Real(&real))
                 .context("forward over context and target")?
                 .narrow(1, context_width, target_width)
         }

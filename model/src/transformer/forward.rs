@@ -109,23 +109,14 @@ impl Transformer {
         attention_mask: &Tensor,
         past: Option<&[(Tensor, Tensor)]>,
     ) -> Result<Tensor> {
-        let hidden = self.forward_train_hidden(ids, positions, attention_mask, past)?;
+        let hidden =
+            self.forward_train_hidden(ids, positions, attention_mask, past, SpanTokens::Given)?;
         Ok(self.lm_head(&hidden))
     }
 
-    /// `forward_train` without the LM head: final hidden states [B, T, D].
-    pub fn forward_train_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        attention_mask: &Tensor,
-        past: Option<&[(Tensor, Tensor)]>,
-    ) -> Result<Tensor> {
-        self.forward_train_hidden_with(ids, positions, attention_mask, past, SpanTokens::Given)
-    }
-
-    /// `forward_train_hidden` computing the slots `tokens` says (zeros at the others).
-    pub(crate) fn forward_train_hidden_with(
+    /// `forward_train` without the LM head (final hidden states [B, T, D]), computing the slots
+    /// `tokens` says (zeros at the others).
+    pub(crate) fn forward_train_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
