@@ -71,6 +71,11 @@ bench-train *flags: build
 bench-serve *flags: build
     bash scripts/bench-serve.sh {{flags}}
 
+# Lossless two-stage decoding (generate --speculative K) vs the full model alone: acceptance rate, decode-time ratio,
+# identical output. MODEL=DIR DECODER=DIR PROMPTS=JSONL [PRUNED=DIR] for a real pair; else a tiny random pair.
+bench-speculative *flags: build
+    bash scripts/bench-speculative.sh {{flags}}
+
 # All-reduce throughput of overfill's c10d shim vs torch.distributed (Gloo, 2 processes, 1..256 MiB).
 bench-ddp *flags: setup
     bash scripts/bench-ddp.sh {{flags}}

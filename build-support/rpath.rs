@@ -1,4 +1,6 @@
-//! Shared build script for every crate that links libtorch (model, pipeline).
+//! Shared build script for every crate that links libtorch (model, train, serve, pipeline): link
+//! arguments of a library crate do not reach the binaries and tests of the crates using it, so each
+//! crate with a binary or test target linking libtorch runs this itself.
 //!
 //! tch's own build script gives the final binaries no rpath, and rustc links with `--as-needed`,
 //! which silently drops `libtorch_cuda.so` (CUDA then reports unavailable on GPU machines).

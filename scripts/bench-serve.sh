@@ -11,16 +11,8 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET/release/overfill"
 cargo build --release -p overfill
 if [ -z "${MODEL:-}" ]; then
-    dir="$TARGET/bench-serve"
-    if [ ! -f "$dir/pruned/config.json" ]; then
-        rm -rf "$dir" && mkdir -p "$dir"
-        "$BIN" synth-data --tokenizer-out "$dir/tok"
-        "$BIN" init-model --config configs/models/tiny-llama.json --out "$dir/full" --seed 0 --tokenizer "$dir/tok"
-        "$PYTHON" -c "import json, sys; json.dump([[40 + (i * 7 + r * 13) % 200 for i in range(32)] for r in range(8)], open(sys.argv[1], 'w'))" "$dir/calib.json"
-        "$BIN" calibrate-prune --model "$dir/full" --data "$dir/calib.json" --out "$dir/pruned" \
-            --width-hidden 0.5 --width-intermediate 0.5 --calib-size 8 --batch-size 4 --device cpu
-    fi
-    MODEL="$dir/full"
-    DECODER="$dir/pruned"
+    bash scripts/tiny-two-stage.sh "$BIN" "$TARGET/bench-serve"
+    MODEL="$TARGET/bench-serve/full"
+    DECODER="$TARGET/bench-serve/pruned"
 fi
 exec "$PYTHON" tests/python/bench_serve.py --binary "$BIN" --model "$MODEL" ${DECODER:+--decoder "$DECODER"} "$@"

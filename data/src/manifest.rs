@@ -3,6 +3,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::shard::{write_atomic, Stats};
 
@@ -110,6 +111,15 @@ impl Manifest {
             }
         };
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// What the shards hold, independent of where the folder is: SHA-256 over the key (inputs,
+    /// settings, tokenizer, template) and the train and val tables (each shard's file, rows,
+    /// bytes and token counts), so a folder rebuilt by another version of preprocess with other
+    /// rows differs too. A copied or moved folder keeps it; `overfill train --resume` compares it.
+    pub fn content_digest(&self) -> Result<String> {
+        let identity = serde_json::json!({"key": self.key, "train": self.train, "val": self.val});
+        Ok(hex::encode(Sha256::digest(serde_json::to_vec(&identity)?)))
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {

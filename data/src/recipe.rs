@@ -9,7 +9,7 @@
 //! path = "meta-llama/Llama-3.1-8B-Instruct"
 //! [data]
 //! shards = "work/8b-3b/shards"   # written by `preprocess`, read by later stages
-//! template = "llama3"            # llama3 | chatml | model | path/to/template.jinja
+//! template = "llama3"            # auto | llama3 | chatml | model | path/to/template.jinja
 //! # tokenizer = "path"           # default: the model path
 //! [[sources]]
 //! name = "openhermes"
@@ -21,10 +21,24 @@
 //! max_seq_length = 2048
 //! val_size = 3000
 //! ```
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+/// The file every stage writes next to its output: the resolved recipe.
+pub const RESOLVED_FILE: &str = "resolved-recipe.toml";
+
+/// Writes a resolved recipe's text to `dir/resolved-recipe.toml` (atomically), so that a run can be
+/// reproduced from its output folder alone.
+pub fn write_resolved_text(dir: &Path, text: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(RESOLVED_FILE);
+    let tmp = dir.join(format!("{RESOLVED_FILE}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
 
 /// One `[[sources]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,13 +73,14 @@ pub struct DataSection {
     pub shards: Option<String>,
     /// Tokenizer folder or `tokenizer.json` (default: `[model] path`).
     pub tokenizer: Option<String>,
-    /// `llama3` (the paper's), `chatml`, `model` or a template file.
+    /// `auto` (the model's own template, `llama3` when it has none), `llama3` (the paper's),
+    /// `chatml`, `model` or a template file.
     pub template: String,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
-        DataSection { shards: None, tokenizer: None, template: "llama3".into() }
+        DataSection { shards: None, tokenizer: None, template: "auto".into() }
     }
 }
 
@@ -213,7 +228,7 @@ mod tests {
         let preprocess: PreprocessSection = toml::from_str("val_size = 3").unwrap();
         let config = PreprocessConfig::from_recipe(&model, &data, &[], &preprocess).unwrap();
         assert_eq!(config.tokenizer, "m");
-        assert_eq!(config.template, "llama3");
+        assert_eq!(config.template, "auto");
         assert_eq!(config.out, PathBuf::from("out"));
         assert_eq!(config.val_size, ValSize::Count(3));
         assert_eq!(config.max_seq_length, 2048);

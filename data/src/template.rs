@@ -18,6 +18,10 @@ pub const CHATML_TEMPLATE: &str = "{%- if messages[0]['role'] == 'system' %}\n  
 /// Where the template comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum TemplateSpec {
+    /// The model's own template when its tokenizer has one (`chat_template` in
+    /// tokenizer_config.json or `chat_template.jinja` beside it), else [`LLAMA3_TEMPLATE`]: what
+    /// transformers' `apply_chat_template` and vLLM use, with the paper's template as fallback.
+    Auto,
     /// The paper's Llama-3 template ([`LLAMA3_TEMPLATE`]).
     Llama3,
     /// Qwen2.5 ChatML ([`CHATML_TEMPLATE`]).
@@ -29,9 +33,10 @@ pub enum TemplateSpec {
 }
 
 impl TemplateSpec {
-    /// `llama3`, `chatml`, `model`, or a path to a Jinja file.
+    /// `auto`, `llama3`, `chatml`, `model`, or a path to a Jinja file.
     pub fn parse(s: &str) -> TemplateSpec {
         match s {
+            "auto" => TemplateSpec::Auto,
             "llama3" => TemplateSpec::Llama3,
             "chatml" | "qwen" => TemplateSpec::ChatMl,
             "model" => TemplateSpec::Model,
@@ -81,7 +86,13 @@ impl ChatTemplate {
         tokens: TemplateTokens,
         model_chat_template: Option<&str>,
     ) -> Result<ChatTemplate> {
+        let spec = match spec {
+            TemplateSpec::Auto if model_chat_template.is_some() => &TemplateSpec::Model,
+            TemplateSpec::Auto => &TemplateSpec::Llama3,
+            other => other,
+        };
         let source = match spec {
+            TemplateSpec::Auto => unreachable!("resolved above"),
             TemplateSpec::Llama3 => LLAMA3_TEMPLATE.to_string(),
             TemplateSpec::ChatMl => CHATML_TEMPLATE.to_string(),
             TemplateSpec::Model => model_chat_template

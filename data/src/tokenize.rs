@@ -70,8 +70,21 @@ pub struct TokenizerConfig {
 }
 
 impl TokenizerConfig {
+    /// `tokenizer_config.json` at `path`, and the `chat_template.jinja` beside it when there is
+    /// one (transformers >= 4.43 saves the template there; like transformers, it wins over the
+    /// config's `chat_template`).
     pub fn load(path: Option<&Path>) -> Result<TokenizerConfig> {
         let Some(path) = path else { return Ok(TokenizerConfig::default()) };
+        let mut config = TokenizerConfig::load_json(path)?;
+        let jinja = path.with_file_name("chat_template.jinja");
+        if jinja.is_file() {
+            let template = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
+            config.chat_template = Some(template);
+        }
+        Ok(config)
+    }
+
+    fn load_json(path: &Path) -> Result<TokenizerConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let value: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         // Tokens are either plain strings or AddedToken objects `{"content": ...}`.

@@ -15,6 +15,20 @@ use crate::config::{parse_token_ids, ModelConfig};
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The tokenizer and generation files a checkpoint folder carries beside its weights (every one
+/// transformers may have saved, `chat_template.jinja` included): copied into every folder made
+/// from another (a pruned model, a trained decoder).
+pub const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
 /// The hub cache root: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("HF_HUB_CACHE").filter(|s| !s.is_empty()) {
@@ -67,8 +81,11 @@ pub fn resolve_model_dir(id_or_dir: &str) -> Result<PathBuf> {
 }
 
 /// `config.json` of a checkpoint, with bos/eos taken from `generation_config.json` when present
-/// (that file is what generation uses in transformers).
+/// (that file is what generation uses in transformers). Every reader of a model folder starts
+/// here, so this is where a folder with a `file_digests.json` (the trainer's checkpoints and
+/// `final/`) is refused when a listed file is missing or has another size.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    crate::file_digests::check_sizes(dir)?;
     let path = dir.join("config.json");
     if !path.is_file() {
         bail!(
@@ -274,7 +291,7 @@ pub fn load_tensors(
 /// Memory-maps a weights file: a shard of a large model (about 5 GB for Llama-3.1-8B) is paged in
 /// while its tensors are copied into libtorch, instead of being read whole into a buffer first,
 /// which would double the peak memory of loading.
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     // SAFETY: the map is read-only and lives only while this shard is converted; a checkpoint
@@ -502,6 +519,19 @@ pub fn copy_file_contents(from: &Path, to: &Path) -> Result<()> {
         std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
     std::io::copy(&mut src, &mut dst)
         .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// Copies the [`TOKENIZER_FILES`] that `from` has into `to` (with [`copy_file_contents`], so a
+/// read-only source gives ordinary files): a pruned model and every saved decoder keep their
+/// source's tokenizer, chat template and generation settings.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if src.is_file() {
+            copy_file_contents(&src, &to.join(name))?;
+        }
+    }
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //!
 //! The prefill and decode models may differ (OverFill: the full model prefills and its last
 //! logit gives the first token, a pruned model with the same layers, KV heads and head_dim decodes
-//! every later token from the full model's cache); `greedy` uses one model for both.
+//! every later token from the full model's cache); `greedy` uses one model for both. With
+//! `DecodeOptions::speculative` the decode model drafts and the prefill model verifies
+//! (`crate::speculative`).
 //!
 //! Per decode step the only device→host copy is the chosen ids [B] (needed to stop rows and to
 //! stream text); prefill runs the LM head on the last position only.
@@ -16,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::kv_cache::KvCache;
 use crate::sampling::{Sampler, Sampling};
+use crate::speculative::{generate_speculative, SpeculativeStats};
 use crate::train::check_compatible;
 use crate::transformer::Transformer;
 
@@ -53,6 +56,11 @@ pub struct DecodeOptions {
     /// its own and its last logit chooses the next token, as at prefill. Beyond the paper (its
     /// suggested remedy for long generations).
     pub refresh_every: Option<usize>,
+    /// `Some(K)`: lossless two-stage decoding (`crate::speculative`): the decode model drafts up
+    /// to K tokens over the shared cache, the prefill (full) model verifies them in one forward
+    /// pass and keeps what it agrees with; the output is the prefill model's own (greedy: token
+    /// for token; sampling: in distribution). Excludes `refresh_every`.
+    pub speculative: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -72,9 +80,26 @@ pub struct GenerationOutput {
     /// counted in `decode_steps`.
     pub refreshes: usize,
     pub refresh_seconds: f64,
+    /// With `DecodeOptions::speculative`: what the drafts bought. `decode_steps` then counts the
+    /// decode model's draft steps; `decode_seconds` covers drafting and verification.
+    pub speculative: Option<SpeculativeStats>,
 }
 
 impl GenerationOutput {
+    /// No tokens and no time yet, for `rows` rows.
+    pub(crate) fn empty(rows: usize) -> Self {
+        GenerationOutput {
+            token_ids: vec![vec![]; rows],
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+            decode_steps: 0,
+            prompt_logits: None,
+            refreshes: 0,
+            refresh_seconds: 0.0,
+            speculative: None,
+        }
+    }
+
     pub fn decode_seconds_per_token(&self) -> f64 {
         if self.decode_steps == 0 {
             0.0
@@ -200,6 +225,22 @@ pub fn prefill(model: &Transformer, batch: &PaddedBatch) -> Result<Prefill> {
 /// Called with (row, token id) for every token a row generates, as soon as it is chosen.
 pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
 
+/// Appends `id` to a row's tokens and tells `on_token`; returns whether the row is now finished
+/// (it produced a stop id or reached `max_new_tokens`).
+pub(crate) fn emit(
+    tokens: &mut Vec<i64>,
+    row: usize,
+    id: i64,
+    options: &GenerateOptions,
+    on_token: &mut Option<OnToken>,
+) -> bool {
+    tokens.push(id);
+    if let Some(on_token) = on_token.as_mut() {
+        on_token(row, id);
+    }
+    options.eos_token_ids.contains(&id) || tokens.len() >= options.max_new_tokens
+}
+
 /// Two-stage generation. `prefill_model` runs the prompts and chooses the first token;
 /// `decode_model` (may be the same model) produces every later one; `decode` says how tokens
 /// are chosen and how often the prefill model refreshes the cache.
@@ -215,19 +256,31 @@ pub fn generate(
     if decode.refresh_every == Some(0) {
         bail!("refresh_every must be at least 1");
     }
+    if let Some(draft_len) = decode.speculative {
+        if draft_len == 0 {
+            bail!("speculative decoding needs at least 1 draft token per round");
+        }
+        if decode.refresh_every.is_some() {
+            bail!("speculative decoding already has the full model write every kept cache slot; it excludes refresh_every");
+        }
+        if options.keep_prompt_logits {
+            bail!("speculative decoding does not keep the prompt logits");
+        }
+        return generate_speculative(
+            prefill_model,
+            decode_model,
+            prompts,
+            options,
+            &decode.sampling,
+            draft_len,
+            on_token,
+        );
+    }
     let device = prefill_model.device();
     let batch = left_pad(prompts, options.pad_token_id, device)?;
     let rows = prompts.len();
     let mut sampler = Sampler::new(decode.sampling.clone());
-    let mut output = GenerationOutput {
-        token_ids: vec![vec![]; rows],
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        decode_steps: 0,
-        prompt_logits: None,
-        refreshes: 0,
-        refresh_seconds: 0.0,
-    };
+    let mut output = GenerationOutput::empty(rows);
 
     let start = Instant::now();
     let Prefill { mut cache, hidden, last_logits } = prefill(prefill_model, &batch)?;
@@ -255,15 +308,7 @@ pub fn generate(
     loop {
         for (row, &id) in next_ids.iter().enumerate() {
             if !finished[row] {
-                output.token_ids[row].push(id);
-                if let Some(on_token) = on_token.as_mut() {
-                    on_token(row, id);
-                }
-                if options.eos_token_ids.contains(&id)
-                    || output.token_ids[row].len() >= options.max_new_tokens
-                {
-                    finished[row] = true;
-                }
+                finished[row] = emit(&mut output.token_ids[row], row, id, options, &mut on_token);
             }
         }
         if finished.iter().all(|&f| f) {

@@ -8,7 +8,7 @@
 //!
 //! Shapes: B rows, V vocabulary.
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,43 +104,86 @@ impl Sampler {
 
     /// logits [B, V] (any float kind, on any device) -> chosen ids [B] i64 on the same device.
     pub fn choose(&mut self, logits: &Tensor) -> Tensor {
-        let (temperature, top_k, top_p) = match &self.sampling {
-            Sampling::Greedy => return logits.argmax(-1, false),
-            Sampling::Sample {
-                temperature,
-                top_k,
-                top_p,
-                ..
-            } => (*temperature, *top_k, *top_p),
+        let Some((probs, top_p)) = self.before_top_p(logits) else {
+            return logits.argmax(-1, false);
         };
-        let (rows, vocab) = (logits.size()[0], logits.size()[1]);
-        let device = logits.device();
-        let mut scores = logits.to_kind(Kind::Float) / temperature;
-        if let Some(k) = top_k {
-            let k = (k as i64).min(vocab);
-            // The k-th largest score per row [B, 1]; ties with it stay in.
-            let (values, _) = scores.topk(k, -1, true, true);
-            let kth = values.narrow(-1, k - 1, 1);
-            scores = scores.masked_fill(&scores.lt_tensor(&kth), f64::NEG_INFINITY);
-        }
-        let probs = scores.softmax(-1, Kind::Float);
-        // One uniform per row: u * total mass is the point of the CDF to look up.
-        let uniforms: Vec<f32> = (0..rows).map(|_| self.rng.next_f64() as f32).collect();
-        let uniforms = Tensor::from_slice(&uniforms)
-            .view([rows, 1])
-            .to_device(device);
+        let uniforms = self.uniforms(probs.size()[0], 1, probs.device());
         if top_p < 1.0 {
-            let (sorted, order) = probs.sort(-1, true);
-            let cumulative = sorted.cumsum(-1, Kind::Float);
-            // Keep a token while the mass before it is below top_p (the most likely always stays).
-            let before = &cumulative - &sorted;
-            let kept = sorted.masked_fill(&before.ge(top_p), 0.0);
+            let (kept, order) = nucleus(&probs, top_p);
             let picked = inverse_cdf(&kept, &uniforms); // [B, 1] index into the sorted order
             order.gather(-1, &picked, false).squeeze_dim(-1)
         } else {
             inverse_cdf(&probs, &uniforms).squeeze_dim(-1)
         }
     }
+
+    /// The distribution `choose` draws from: logits [B, V] -> probabilities [B, V] f32 (each row
+    /// sums to 1) after temperature, top-k and top-p; one-hot at the argmax when greedy.
+    /// Speculative sampling compares the drafter's and the verifier's distributions with it.
+    pub fn probabilities(&self, logits: &Tensor) -> Tensor {
+        let Some((probs, top_p)) = self.before_top_p(logits) else {
+            let vocab = logits.size()[1];
+            return logits.argmax(-1, false).one_hot(vocab).to_kind(Kind::Float);
+        };
+        if top_p >= 1.0 {
+            return probs;
+        }
+        let (kept, order) = nucleus(&probs, top_p);
+        let kept = kept.zeros_like().scatter(-1, &order, &kept);
+        let total = kept.sum_dim_intlist(-1, true, Kind::Float);
+        kept / total
+    }
+
+    /// One token per row drawn from `weights` [B, V] >= 0 (not necessarily normalised, each row
+    /// with some positive weight) -> ids [B] i64, with this sampler's generator.
+    pub fn draw(&mut self, weights: &Tensor) -> Tensor {
+        let uniforms = self.uniforms(weights.size()[0], 1, weights.device());
+        inverse_cdf(weights, &uniforms).squeeze_dim(-1)
+    }
+
+    /// [rows, cols] f32 uniforms in [0, 1) from this sampler's generator, on `device`.
+    pub fn uniforms(&mut self, rows: i64, cols: i64, device: Device) -> Tensor {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| self.rng.next_f64() as f32)
+            .collect();
+        Tensor::from_slice(&values)
+            .view([rows, cols])
+            .to_device(device)
+    }
+
+    /// Sampling: softmax(logits / temperature) restricted to the top-k tokens [B, V] f32, and
+    /// the top-p still to apply; `None` when greedy.
+    fn before_top_p(&self, logits: &Tensor) -> Option<(Tensor, f64)> {
+        let Sampling::Sample {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = &self.sampling
+        else {
+            return None;
+        };
+        let vocab = logits.size()[1];
+        let mut scores = logits.to_kind(Kind::Float) / *temperature;
+        if let Some(k) = top_k {
+            let k = (*k as i64).min(vocab);
+            // The k-th largest score per row [B, 1]; ties with it stay in.
+            let (values, _) = scores.topk(k, -1, true, true);
+            let kth = values.narrow(-1, k - 1, 1);
+            scores = scores.masked_fill(&scores.lt_tensor(&kth), f64::NEG_INFINITY);
+        }
+        Some((scores.softmax(-1, Kind::Float), *top_p))
+    }
+}
+
+/// probs [B, V] -> (the probabilities sorted in descending order with those outside the nucleus
+/// zeroed [B, V], the sort order [B, V] i64). A token stays while the mass before it is below
+/// top_p (the most likely always stays).
+fn nucleus(probs: &Tensor, top_p: f64) -> (Tensor, Tensor) {
+    let (sorted, order) = probs.sort(-1, true);
+    let cumulative = sorted.cumsum(-1, Kind::Float);
+    let before = &cumulative - &sorted;
+    (sorted.masked_fill(&before.ge(top_p), 0.0), order)
 }
 
 /// weights [B, V] >= 0 (not necessarily normalised), uniforms [B, 1] in [0, 1) -> [B, 1] i64:
@@ -159,7 +202,6 @@ fn inverse_cdf(weights: &Tensor, uniforms: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     fn logits() -> Tensor {
         Tensor::from_slice(&[0.1f32, 2.0, -1.0, 1.5, 0.0, 3.0, 0.2, -0.5]).view([2, 4])
@@ -199,6 +241,25 @@ mod tests {
             seen.insert(id);
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn probabilities_are_the_distribution_choose_draws_from() {
+        // top-p 0.7 keeps tokens 1 and 3 (0.5 + 0.3), renormalised.
+        let probs = Tensor::from_slice(&[0.15f32, 0.5, 0.05, 0.3]).view([1, 4]);
+        let nucleus = Sampler::new(Sampling::new(1.0, None, 0.7, 0).unwrap()).probabilities(&probs.log());
+        let got = Vec::<f32>::try_from(nucleus.view([-1])).unwrap();
+        for (g, want) in got.iter().zip([0.0, 0.625, 0.0, 0.375]) {
+            assert!((g - want).abs() < 1e-6, "{got:?}");
+        }
+        // Temperature 2 and top-k 2 on row 0 of `logits()`: softmax([2.0, 1.5] / 2) at ids 1, 3.
+        let warped = Sampler::new(Sampling::new(2.0, Some(2), 1.0, 0).unwrap()).probabilities(&logits());
+        let row = Vec::<f32>::try_from(warped.get(0)).unwrap();
+        let p1 = 1.0 / (1.0 + (-0.25f32).exp());
+        assert!((row[1] - p1).abs() < 1e-6 && (row[3] - (1.0 - p1)).abs() < 1e-6, "{row:?}");
+        assert_eq!((row[0], row[2]), (0.0, 0.0));
+        let greedy = Sampler::new(Sampling::Greedy).probabilities(&logits());
+        assert_eq!(Vec::<f32>::try_from(greedy.view([-1])).unwrap(), [0., 1., 0., 0., 0., 1., 0., 0.]);
     }
 
     #[test]

@@ -10,20 +10,20 @@
 //! standard deviation go to `latency.csv`, the figures to PNG files. Decode tokens/s are set
 //! against the memory-bandwidth ceiling measured in the same run: weight bytes a decode step
 //! reads ÷ the measured device copy bandwidth.
-mod plots;
+mod measure;
+pub(crate) mod plots;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use overfill_model::checkpoint::{dtype_name, parse_device, parse_dtype, resolve_model_dir};
 use overfill_model::config::ModelConfig;
-use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
 use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+
+use measure::{copy_bandwidth, decode_weight_bytes, measure_points, Point, Row, Stats, System, Timing};
 
 #[derive(clap::Args)]
 // A flag given twice takes the last value (`just bench-latency --runs 10` overrides the recipe's).
@@ -95,93 +95,6 @@ pub struct Args {
     pub replot: Option<PathBuf>,
 }
 
-/// One of the three systems compared.
-struct System<'a> {
-    name: &'static str,
-    prefill: &'a Transformer,
-    decode: &'a Transformer,
-}
-
-/// A measured point: batch, prompt and generation length, and the timings of every run.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub sweep: &'static str,
-    pub system: &'static str,
-    pub batch: usize,
-    pub prompt_len: usize,
-    pub gen_len: usize,
-    pub prefill: Stats,
-    pub decode: Stats,
-    pub total: Stats,
-    /// batch × decode steps ÷ mean decode seconds.
-    pub decode_tokens_per_second: f64,
-    /// batch ÷ (weight bytes a decode step reads ÷ copy bandwidth).
-    pub ceiling_tokens_per_second: f64,
-}
-
-/// Mean and (sample) standard deviation in seconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Stats {
-    pub mean: f64,
-    pub std: f64,
-}
-
-impl Stats {
-    fn of(values: &[f64]) -> Stats {
-        let n = values.len() as f64;
-        let mean = values.iter().sum::<f64>() / n;
-        let var = if values.len() > 1 {
-            values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-        } else {
-            0.0
-        };
-        Stats {
-            mean,
-            std: var.sqrt(),
-        }
-    }
-}
-
-/// Weight bytes one decode step reads: every parameter, except that the embedding table of an
-/// untied model is only gathered (B rows), not read whole.
-fn decode_weight_bytes(model: &Transformer) -> u64 {
-    let tensors = model.tensors();
-    let mut bytes: u64 = tensors
-        .values()
-        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-        .sum();
-    if !model.config.tie_word_embeddings {
-        let embed = &tensors["model.embed_tokens.weight"];
-        bytes -= (embed.numel() * embed.kind().elt_size_in_bytes()) as u64;
-    }
-    bytes
-}
-
-fn synchronize(device: Device) {
-    if let Device::Cuda(n) = device {
-        tch::Cuda::synchronize(n as i64);
-    }
-}
-
-/// Device copy bandwidth in bytes/s (bytes read + bytes written per second), the median of 5
-/// copies of a buffer larger than any cache.
-fn copy_bandwidth(device: Device) -> Result<f64> {
-    let bytes: i64 = if device.is_cuda() { 1 << 30 } else { 256 << 20 };
-    let src = Tensor::f_ones([bytes / 4], (Kind::Float, device))?;
-    let mut dst = Tensor::f_zeros([bytes / 4], (Kind::Float, device))?;
-    dst.f_copy_(&src)?;
-    synchronize(device);
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        dst.f_copy_(&src)?;
-        synchronize(device);
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(2.0 * bytes as f64 / times[2])
-}
-
 fn load_models(args: &Args, device: Device, dtype: Kind) -> Result<(Transformer, Transformer)> {
     let full = match (&args.model, &args.model_config) {
         (Some(dir), _) => {
@@ -251,56 +164,6 @@ fn random_model(
     Transformer::from_tensors(config, tensors)
 }
 
-/// `batch` random prompts of `len` tokens (seeded).
-fn random_prompts(batch: usize, len: usize, vocab: usize, seed: i64) -> Vec<Vec<i64>> {
-    tch::manual_seed(seed);
-    let ids = Tensor::randint_low(
-        0,
-        vocab as i64,
-        [batch as i64, len as i64],
-        (Kind::Int64, Device::Cpu),
-    );
-    (0..batch as i64)
-        .map(|r| Vec::<i64>::try_from(ids.get(r)).unwrap_or_default())
-        .collect()
-}
-
-/// Prefill and decode seconds of each timed run of one system at one point.
-fn time_runs(
-    system: &System,
-    prompts: &[Vec<i64>],
-    gen_len: usize,
-    warmup: usize,
-    runs: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let options = GenerateOptions {
-        max_new_tokens: gen_len,
-        eos_token_ids: vec![],
-        pad_token_id: 0,
-        keep_prompt_logits: false,
-    };
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    for run in 0..warmup + runs {
-        let out = generate(
-            system.prefill,
-            system.decode,
-            prompts,
-            &options,
-            &DecodeOptions::default(),
-            None,
-        )
-        .with_context(|| format!("{} generation", system.name))?;
-        if out.token_ids.iter().any(|t| t.len() != gen_len) {
-            bail!("{}: a row stopped before {gen_len} tokens", system.name);
-        }
-        if run >= warmup {
-            prefill.push(out.prefill_seconds);
-            decode.push(out.decode_seconds);
-        }
-    }
-    Ok((prefill, decode))
-}
-
 pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.replot {
         return replot(dir);
@@ -314,50 +177,10 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
     }
-    if args.runs == 0 {
-        bail!("--runs must be at least 1");
-    }
-    for sweep in &args.sweeps {
-        if !["gen", "prompt", "batch"].contains(&sweep.as_str()) {
-            bail!("unknown sweep {sweep:?} (gen, prompt, batch)");
-        }
-    }
-    let lists = [
-        ("--gen-lengths", &args.gen_lengths),
-        ("--prompt-lengths", &args.prompt_lengths),
-        ("--batch-sizes", &args.batch_sizes),
-    ];
-    for (flag, list) in lists {
-        if list.is_empty() || list.contains(&0) {
-            bail!("{flag} must list numbers > 0");
-        }
-    }
-    if args.prompt_len == 0 || args.gen_len == 0 || args.batch == 0 {
-        bail!("--prompt-len, --gen-len and --batch must be > 0");
-    }
-    // The points, in figure order.
-    let mut points: Vec<(&'static str, usize, usize, usize)> = Vec::new();
-    for sweep in &args.sweeps {
-        match sweep.as_str() {
-            "gen" => points.extend(
-                args.gen_lengths
-                    .iter()
-                    .map(|&g| ("gen", args.batch, args.prompt_len, g)),
-            ),
-            "prompt" => points.extend(
-                args.prompt_lengths
-                    .iter()
-                    .map(|&p| ("prompt", args.batch, p, args.gen_len)),
-            ),
-            _ => points.extend(
-                args.batch_sizes
-                    .iter()
-                    .map(|&b| ("batch", b, args.prompt_len, args.gen_len)),
-            ),
-        }
-    }
+    check_args(&args)?;
+    let points = sweep_points(&args);
     let (full, pruned) = load_models(&args, device, dtype)?;
-    let longest = points.iter().map(|p| p.2 + p.3).max().unwrap_or(0);
+    let longest = points.iter().map(|p| p.prompt_len + p.gen_len).max().unwrap_or(0);
     if longest > full.config.max_position_embeddings {
         eprintln!(
             "warning: prompt + generation of up to {longest} tokens passes max_position_embeddings {} (timing is still meaningful)",
@@ -388,58 +211,23 @@ pub fn run(args: Args) -> Result<()> {
             name: "full",
             prefill: &full,
             decode: &full,
+            decode_bytes: full_bytes,
         },
         System {
             name: "pruned",
             prefill: &pruned,
             decode: &pruned,
+            decode_bytes: pruned_bytes,
         },
         System {
             name: "overfill",
             prefill: &full,
             decode: &pruned,
+            decode_bytes: pruned_bytes,
         },
     ];
-
-    let progress = ProgressBar::new((points.len() * systems.len()) as u64);
-    progress.set_style(
-        ProgressStyle::with_template(
-            "bench-latency {bar:30} {pos}/{len} {msg} [{elapsed_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut rows = Vec::new();
-    for &(sweep, batch, prompt_len, gen_len) in &points {
-        let prompts = random_prompts(batch, prompt_len, full.config.vocab_size, args.seed);
-        for system in &systems {
-            progress.set_message(format!(
-                "{sweep}: {} batch {batch} prompt {prompt_len} gen {gen_len}",
-                system.name
-            ));
-            let (prefill, decode) = time_runs(system, &prompts, gen_len, args.warmup, args.runs)?;
-            let total: Vec<f64> = prefill.iter().zip(&decode).map(|(p, d)| p + d).collect();
-            let decode = Stats::of(&decode);
-            let decode_bytes = if std::ptr::eq(system.decode, &full) {
-                full_bytes
-            } else {
-                pruned_bytes
-            };
-            rows.push(Row {
-                sweep,
-                system: system.name,
-                batch,
-                prompt_len,
-                gen_len,
-                prefill: Stats::of(&prefill),
-                decode,
-                total: Stats::of(&total),
-                decode_tokens_per_second: (batch * (gen_len - 1)) as f64 / decode.mean.max(1e-12),
-                ceiling_tokens_per_second: batch as f64 * bandwidth / decode_bytes as f64,
-            });
-            progress.inc(1);
-        }
-    }
-    progress.finish_and_clear();
+    let timing = Timing { vocab_size: full.config.vocab_size, seed: args.seed, warmup: args.warmup, runs: args.runs, bandwidth };
+    let rows = measure_points(&points, &systems, &timing)?;
 
     write_csv(&args.out.join("latency.csv"), &rows)?;
     let models = describe(&full, &pruned, device, dtype);
@@ -465,6 +253,57 @@ pub fn run(args: Args) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Counts, sweeps and lengths that cannot be measured.
+fn check_args(args: &Args) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    for sweep in &args.sweeps {
+        if !["gen", "prompt", "batch"].contains(&sweep.as_str()) {
+            bail!("unknown sweep {sweep:?} (gen, prompt, batch)");
+        }
+    }
+    let lists = [
+        ("--gen-lengths", &args.gen_lengths),
+        ("--prompt-lengths", &args.prompt_lengths),
+        ("--batch-sizes", &args.batch_sizes),
+    ];
+    for (flag, list) in lists {
+        if list.is_empty() || list.contains(&0) {
+            bail!("{flag} must list numbers > 0");
+        }
+    }
+    if args.prompt_len == 0 || args.gen_len == 0 || args.batch == 0 {
+        bail!("--prompt-len, --gen-len and --batch must be > 0");
+    }
+    Ok(())
+}
+
+/// The points of the sweeps, in figure order.
+fn sweep_points(args: &Args) -> Vec<Point> {
+    let mut points = Vec::new();
+    for sweep in &args.sweeps {
+        match sweep.as_str() {
+            "gen" => points.extend(
+                args.gen_lengths
+                    .iter()
+                    .map(|&g| Point { sweep: "gen", batch: args.batch, prompt_len: args.prompt_len, gen_len: g }),
+            ),
+            "prompt" => points.extend(
+                args.prompt_lengths
+                    .iter()
+                    .map(|&p| Point { sweep: "prompt", batch: args.batch, prompt_len: p, gen_len: args.gen_len }),
+            ),
+            _ => points.extend(
+                args.batch_sizes
+                    .iter()
+                    .map(|&b| Point { sweep: "batch", batch: b, prompt_len: args.prompt_len, gen_len: args.gen_len }),
+            ),
+        }
+    }
+    points
 }
 
 /// Redraws the figures from an earlier run's latency.csv (and the models line of summary.json).

@@ -18,9 +18,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tch::Device;
 
-use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
-use crate::train::trainer::keep_freed_memory;
-use crate::train::TrainMode;
+use overfill_train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+use overfill_train::trainer::keep_freed_memory;
+use overfill_train::TrainMode;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
     let flops = step_flops(&full_config, &decoder_config, &rows, args.mode);
     let achieved_tflops = flops / step_seconds / 1e12;
     let mfu = args.peak_tflops.map(|peak| achieved_tflops / peak);
-    let peak_rss_mib = crate::train::memory::process_memory().peak_rss_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
+    let peak_rss_mib = overfill_train::memory::process_memory().peak_rss_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
     let report = json!({
         "impl": "overfill",
         "mode": format!("{:?}", args.mode).to_lowercase(),

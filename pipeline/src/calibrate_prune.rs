@@ -247,22 +247,7 @@ pub fn run(args: Args) -> Result<()> {
         check_out_dir(&out)?;
     }
 
-    // Calibration data is needed for the scores, and for the loss before/after even with --scores.
-    let data = settings.data.clone().ok_or_else(|| anyhow!("no --data given and no data in the recipe ([calibrate] data or [data] shards)"))?;
-    let samples = load_samples(&data, settings.calib_size, settings.max_seq_len)?;
-    if samples.len() < settings.calib_size && samples.len() >= settings.batch_size {
-        eprintln!(
-            "warning: {} has {} calibration samples, fewer than the {} asked for; using them all",
-            data.display(),
-            samples.len(),
-            settings.calib_size
-        );
-    }
-    let batches = calibrate::length_sorted_batches(samples, settings.batch_size).with_context(|| format!("calibration data {}", data.display()))?;
-    check_data_vocab(&batches, config.vocab_size, tokenizer.as_ref()).with_context(|| format!("calibration data {}", data.display()))?;
-    calibrate::check_token_ids(&batches, config.vocab_size).with_context(|| format!("calibration data {}", data.display()))?;
-    let total_tokens: usize = batches.iter().flatten().map(Vec::len).sum();
-
+    let calibration = CalibrationData::load(&settings, &config, tokenizer.as_ref())?;
     let device = match &settings.device {
         Some(d) => checkpoint::parse_device(d)?,
         None => tch::Device::cuda_if_available(),
@@ -274,104 +259,34 @@ pub fn run(args: Args) -> Result<()> {
     };
     eprintln!("loading {} on {device:?} as {kind:?}", model_dir.display());
     let model = Transformer::load(&model_dir, device, kind)?;
-
-    let mut calibration = json!(null);
-    let (importance, loss_before) = match &settings.scores {
-        Some(path) => {
-            let importance = Importance::load(path)?;
-            importance.check_matches(&config).with_context(|| format!("scores {}", path.display()))?;
-            eprintln!("reusing importance scores from {} (calib_size {})", path.display(), importance.calib_size);
-            let bar = progress_bar(total_tokens, "loss (full)");
-            let loss = calibrate::lm_loss(&model, &batches, &mut |n| bar.inc(n as u64))?;
-            bar.finish_and_clear();
-            (importance, loss)
-        }
-        None => {
-            let bar = progress_bar(total_tokens, "calibrating");
-            let start = Instant::now();
-            let (importance, loss) =
-                calibrate::calibrate(&model, &batches, settings.seq_agg, settings.norm, &mut |n| bar.inc(n as u64))?;
-            let seconds = start.elapsed().as_secs_f64();
-            bar.finish_and_clear();
-            let rate = importance.tokens as f64 / seconds.max(1e-9);
-            eprintln!(
-                "calibration: {} samples, {} tokens in {seconds:.2}s ({rate:.0} tokens/s), loss {:.4}",
-                importance.calib_size, importance.tokens, loss.loss
-            );
-            calibration = json!({
-                "samples": importance.calib_size,
-                "tokens": importance.tokens,
-                "seconds": seconds,
-                "tokens_per_second": rate,
-            });
-            if let Some(path) = &settings.save_scores {
-                importance.save(path)?;
-                eprintln!("saved importance scores to {}", path.display());
-            }
-            (importance, loss)
-        }
-    };
-
+    let scored = score(&model, &config, &calibration, &settings)?;
     if args.calibrate_only {
-        let path = match &settings.save_scores {
-            Some(p) => p.clone(),
-            None => {
-                std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-                let p = out.join("importance.safetensors");
-                importance.save(&p)?;
-                write_resolved(&recipe, &out)?;
-                p
-            }
-        };
-        let summary = json!({"scores": path, "loss": loss_before.loss, "loss_tokens": loss_before.tokens, "calibration": calibration});
-        if args.json {
-            println!("{summary}");
-        } else {
-            eprintln!("saved importance scores to {}", path.display());
-        }
-        return Ok(());
+        return save_scores_only(&args, &settings, &recipe, &out, &scored);
     }
 
     // Prune.
-    let plan = importance.plan(hidden_kept, inter_kept)?;
+    let plan = scored.importance.plan(hidden_kept, inter_kept)?;
     let (new_config, tensors) = prune::prune_tensors(&config, &model.tensors(), &plan)?;
     drop(model);
     let pruned = Transformer::from_tensors(new_config.clone(), tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect())?;
-    let bar = progress_bar(total_tokens, "loss (pruned)");
-    let loss_after = calibrate::lm_loss(&pruned, &batches, &mut |n| bar.inc(n as u64))?;
+    let bar = progress_bar(calibration.total_tokens, "loss (pruned)");
+    let loss_after = calibrate::lm_loss(&pruned, &calibration.batches, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     drop(pruned);
 
-    // Stage everything in a hidden sibling folder (its marker says it is ours), then rename into place.
-    let container = create_staging(&out)?;
-    let staging = container.join(out.file_name().unwrap_or_else(|| "out".as_ref()));
-    let result = (|| -> Result<()> {
-        checkpoint::save_checkpoint(&staging, &new_config, &tensors, 5 << 30)?;
-        copy_tokenizer_files(&model_dir, &staging)?;
-        if settings.scores.is_none() && settings.save_scores.is_none() {
-            importance.save(&staging.join("importance.safetensors"))?;
-        }
-        let report = pruning_report(
-            &model_dir, &data, &settings, &config, &new_config, &plan, &importance, loss_before, loss_after, calibration.clone(), device, kind,
-        );
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(staging.join("pruning.json"), text).context("writing pruning.json")?;
-        write_resolved(&recipe, &staging)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&container);
-        return Err(e);
-    }
-    replace_dir(&staging, &out)?;
-    std::fs::remove_dir_all(&container).with_context(|| format!("removing {}", container.display()))?;
+    let report = pruning_report(
+        &model_dir, &calibration.path, &settings, &config, &new_config, &plan, &scored.importance, scored.loss_before, loss_after,
+        scored.calibration.clone(), device, kind,
+    );
+    let pruned = PrunedModel { source_dir: &model_dir, config: &new_config, tensors: &tensors, report };
+    write_pruned(&pruned, &settings, &recipe, &scored.importance, &out)?;
     let summary = json!({
         "out": out,
         "hidden_size": new_config.hidden_size,
         "intermediate_size": new_config.intermediate_size,
         "params_before": config.param_count(),
         "params_after": new_config.param_count(),
-        "loss_before": loss_before.loss,
+        "loss_before": scored.loss_before.loss,
         "loss_after": loss_after.loss,
     });
     if args.json {
@@ -385,11 +300,138 @@ pub fn run(args: Args) -> Result<()> {
             new_config.intermediate_size,
             config.param_count(),
             new_config.param_count(),
-            loss_before.loss,
+            scored.loss_before.loss,
             loss_after.loss,
             out.display()
         );
     }
+    Ok(())
+}
+
+/// The calibration samples in length-sorted batches, checked against the model's vocabulary.
+struct CalibrationData {
+    path: PathBuf,
+    batches: Vec<Vec<Vec<u32>>>,
+    total_tokens: usize,
+}
+
+impl CalibrationData {
+    /// Needed for the scores, and for the loss before/after even with --scores.
+    fn load(settings: &Settings, config: &ModelConfig, tokenizer: Option<&overfill_data::tokenize::Tokenizer>) -> Result<CalibrationData> {
+        let data = settings.data.clone().ok_or_else(|| anyhow!("no --data given and no data in the recipe ([calibrate] data or [data] shards)"))?;
+        let samples = load_samples(&data, settings.calib_size, settings.max_seq_len)?;
+        if samples.len() < settings.calib_size && samples.len() >= settings.batch_size {
+            eprintln!(
+                "warning: {} has {} calibration samples, fewer than the {} asked for; using them all",
+                data.display(),
+                samples.len(),
+                settings.calib_size
+            );
+        }
+        let batches = calibrate::length_sorted_batches(samples, settings.batch_size).with_context(|| format!("calibration data {}", data.display()))?;
+        check_data_vocab(&batches, config.vocab_size, tokenizer).with_context(|| format!("calibration data {}", data.display()))?;
+        calibrate::check_token_ids(&batches, config.vocab_size).with_context(|| format!("calibration data {}", data.display()))?;
+        let total_tokens: usize = batches.iter().flatten().map(Vec::len).sum();
+        Ok(CalibrationData { path: data, batches, total_tokens })
+    }
+}
+
+/// Importance scores (calibrated here, or an earlier run's --scores) and the full model's loss.
+struct Scored {
+    importance: Importance,
+    loss_before: LossStats,
+    /// Samples, tokens and speed of the calibration pass (null with --scores).
+    calibration: serde_json::Value,
+}
+
+/// Calibrates `model` on the data (saving the scores with --save-scores), or reuses --scores and
+/// only measures the loss.
+fn score(model: &Transformer, config: &ModelConfig, data: &CalibrationData, settings: &Settings) -> Result<Scored> {
+    if let Some(path) = &settings.scores {
+        let importance = Importance::load(path)?;
+        importance.check_matches(config).with_context(|| format!("scores {}", path.display()))?;
+        eprintln!("reusing importance scores from {} (calib_size {})", path.display(), importance.calib_size);
+        let bar = progress_bar(data.total_tokens, "loss (full)");
+        let loss = calibrate::lm_loss(model, &data.batches, &mut |n| bar.inc(n as u64))?;
+        bar.finish_and_clear();
+        return Ok(Scored { importance, loss_before: loss, calibration: json!(null) });
+    }
+    let bar = progress_bar(data.total_tokens, "calibrating");
+    let start = Instant::now();
+    let (importance, loss) = calibrate::calibrate(model, &data.batches, settings.seq_agg, settings.norm, &mut |n| bar.inc(n as u64))?;
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let rate = importance.tokens as f64 / seconds.max(1e-9);
+    eprintln!(
+        "calibration: {} samples, {} tokens in {seconds:.2}s ({rate:.0} tokens/s), loss {:.4}",
+        importance.calib_size, importance.tokens, loss.loss
+    );
+    let calibration = json!({
+        "samples": importance.calib_size,
+        "tokens": importance.tokens,
+        "seconds": seconds,
+        "tokens_per_second": rate,
+    });
+    if let Some(path) = &settings.save_scores {
+        importance.save(path)?;
+        eprintln!("saved importance scores to {}", path.display());
+    }
+    Ok(Scored { importance, loss_before: loss, calibration })
+}
+
+/// --calibrate-only: the scores (to --save-scores, or `importance.safetensors` in --out with the
+/// resolved recipe) and the loss, nothing pruned.
+fn save_scores_only(args: &Args, settings: &Settings, recipe: &Recipe, out: &Path, scored: &Scored) -> Result<()> {
+    let path = match &settings.save_scores {
+        Some(p) => p.clone(),
+        None => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let p = out.join("importance.safetensors");
+            scored.importance.save(&p)?;
+            write_resolved(recipe, out)?;
+            p
+        }
+    };
+    let summary = json!({"scores": path, "loss": scored.loss_before.loss, "loss_tokens": scored.loss_before.tokens, "calibration": scored.calibration});
+    if args.json {
+        println!("{summary}");
+    } else {
+        eprintln!("saved importance scores to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The pruned checkpoint to write, with its report (`pruning.json`).
+struct PrunedModel<'a> {
+    /// The source model's folder (its tokenizer files are copied).
+    source_dir: &'a Path,
+    config: &'a ModelConfig,
+    tensors: &'a std::collections::BTreeMap<String, tch::Tensor>,
+    report: serde_json::Value,
+}
+
+/// Stages everything in a hidden sibling folder of `out` (its marker says it is ours), then
+/// renames it into place.
+fn write_pruned(pruned: &PrunedModel, settings: &Settings, recipe: &Recipe, importance: &Importance, out: &Path) -> Result<()> {
+    let container = create_staging(out)?;
+    let staging = container.join(out.file_name().unwrap_or_else(|| "out".as_ref()));
+    let result = (|| -> Result<()> {
+        checkpoint::save_checkpoint(&staging, pruned.config, pruned.tensors, 5 << 30)?;
+        checkpoint::copy_tokenizer_files(pruned.source_dir, &staging)?;
+        if settings.scores.is_none() && settings.save_scores.is_none() {
+            importance.save(&staging.join("importance.safetensors"))?;
+        }
+        let text = serde_json::to_string_pretty(&pruned.report)?;
+        std::fs::write(staging.join("pruning.json"), text).context("writing pruning.json")?;
+        write_resolved(recipe, &staging)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&container);
+        return Err(e);
+    }
+    replace_dir(&staging, out)?;
+    std::fs::remove_dir_all(&container).with_context(|| format!("removing {}", container.display()))?;
     Ok(())
 }
 
@@ -540,27 +582,6 @@ fn check_data_vocab(batches: &[Vec<Vec<u32>>], vocab_size: usize, tokenizer: Opt
             if row.iter().any(|&id| id as usize >= vocab_size) {
                 overfill_data::tokenize::check_ids_in_vocab(row, vocab_size, tokenizer, &format!("calibration batch {b} row {r}"))?;
             }
-        }
-    }
-    Ok(())
-}
-
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-];
-
-fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
-    for name in TOKENIZER_FILES {
-        let src = from.join(name);
-        if src.is_file() {
-            checkpoint::copy_file_contents(&src, &to.join(name))?;
         }
     }
     Ok(())

@@ -4,7 +4,8 @@
 //! with the chat template and the generation prompt as preprocess renders contexts, greedy,
 //! batched (left-padded), and two-stage with `--decoder` (the full model prefills and chooses the
 //! first token, the decoder writes the rest; `--refresh-every K` lets the full model re-run every
-//! K decoded tokens).
+//! K decoded tokens; `--speculative K` makes the decoder draft for the full model, whose output
+//! it then is).
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use overfill_data::tokenize::{check_ids_in_vocab, load_tokenizer, SplitTokenizer
 use overfill_model::checkpoint::{load_config, parse_device, parse_dtype, resolve_model_dir};
 use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
 use overfill_model::sampling::Sampling;
+use overfill_model::speculative::SpeculativeStats;
 use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
 
@@ -42,8 +44,13 @@ pub struct Args {
     /// With --decoder: the full model re-runs every K decoded tokens (see `overfill generate`).
     #[arg(long, value_name = "K", requires = "decoder")]
     pub refresh_every: Option<usize>,
-    /// Chat template: llama3, chatml, model or a Jinja file (the one the shards were made with).
-    #[arg(long, default_value = "llama3")]
+    /// With --decoder: lossless two-stage decoding, up to K drafts per full-model verification
+    /// (see `overfill generate`); the accuracy is the full model's.
+    #[arg(long, value_name = "K", requires = "decoder", conflicts_with = "refresh_every")]
+    pub speculative: Option<usize>,
+    /// Chat template: auto (the model's own; llama3 when its tokenizer has none), llama3,
+    /// chatml, model or a Jinja file (the one the shards were made with).
+    #[arg(long, default_value = "auto")]
     pub template: String,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
@@ -54,7 +61,8 @@ pub struct Args {
     /// Intra-op threads for libtorch (default: libtorch's own choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// Write one JSON line per prompt (task, prompt, answer, generated text, correct) to FILE.
+    /// Write one JSON line per prompt (task, prompt, its templated token ids, answer, generated
+    /// text, correct) to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Print one JSON object with every number last on stdout.
@@ -144,6 +152,23 @@ impl Score {
     }
 }
 
+/// Generation totals and per-task scores over all prompts.
+#[derive(Default)]
+struct Tally {
+    scores: BTreeMap<String, Score>,
+    overall: Score,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+    decode_steps: usize,
+    /// Tokens after the first (which comes from the prefill pass).
+    decoded_tokens: usize,
+    generated_tokens: usize,
+    /// One JSON record per prompt (--out).
+    per_row: Vec<Value>,
+    /// Drafted and accepted tokens (--speculative).
+    speculative: Option<SpeculativeStats>,
+}
+
 pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
@@ -184,34 +209,27 @@ pub fn run(args: Args) -> Result<()> {
     if !options.eos_token_ids.contains(&end_of_turn) {
         options.eos_token_ids.push(end_of_turn);
     }
-    let decode = DecodeOptions { sampling: Sampling::new(0.0, None, 1.0, 0)?, refresh_every: args.refresh_every };
+    let decode = DecodeOptions { sampling: Sampling::new(0.0, None, 1.0, 0)?, refresh_every: args.refresh_every, speculative: args.speculative };
 
     let progress = ProgressBar::new(rows.len() as u64).with_style(
         ProgressStyle::with_template("eval-tasks {bar:30} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}]").expect("valid progress template"),
     );
-    let mut scores: BTreeMap<String, Score> = BTreeMap::new();
-    let mut overall = Score::default();
-    let (mut prefill_seconds, mut decode_seconds, mut decode_steps, mut decoded_tokens, mut generated_tokens) = (0.0, 0.0, 0usize, 0usize, 0usize);
-    let mut per_row = Vec::with_capacity(rows.len());
+    let mut tally = Tally {
+        per_row: Vec::with_capacity(rows.len()),
+        speculative: args.speculative.map(|draft_len| SpeculativeStats { draft_len, ..Default::default() }),
+        ..Tally::default()
+    };
     for start in (0..rows.len()).step_by(args.batch_size) {
         let end = (start + args.batch_size).min(rows.len());
         let output = generate(&model, decode_model, &prompts[start..end], &options, &decode, None)?;
-        prefill_seconds += output.prefill_seconds;
-        decode_seconds += output.decode_seconds;
-        decode_steps += output.decode_steps;
+        tally.prefill_seconds += output.prefill_seconds;
+        tally.decode_seconds += output.decode_seconds;
+        tally.decode_steps += output.decode_steps;
+        if let (Some(total), Some(stats)) = (tally.speculative.as_mut(), &output.speculative) {
+            total.add(stats);
+        }
         for (offset, ids) in output.token_ids.iter().enumerate() {
-            let row = &rows[start + offset];
-            generated_tokens += ids.len();
-            // The first token comes from the prefill pass; the rest are decoded.
-            decoded_tokens += ids.len().saturating_sub(1);
-            let as_u32: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
-            let text = tokenizer.decode(&as_u32, true).map_err(|e| anyhow!("cannot decode generated ids: {e}"))?;
-            let correct = text.trim() == row.answer.trim();
-            for score in [scores.entry(row.task.clone()).or_default(), &mut overall] {
-                score.total += 1;
-                score.correct += correct as usize;
-            }
-            per_row.push(json!({"task": row.task, "prompt": row.messages.last().map(|m| m.content.clone()), "answer": row.answer, "generated": text, "correct": correct}));
+            tally.add(&rows[start + offset], &prompts[start + offset], ids, &tokenizer)?;
         }
         progress.inc((end - start) as u64);
     }
@@ -219,14 +237,53 @@ pub fn run(args: Args) -> Result<()> {
 
     if let Some(path) = &args.out {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
-        for line in &per_row {
+        for line in &tally.per_row {
             writeln!(file, "{line}").with_context(|| format!("writing {}", path.display()))?;
         }
         file.flush()?;
     }
-    let decode_tokens_per_second = if decode_seconds > 0.0 { decoded_tokens as f64 / decode_seconds } else { 0.0 };
-    let decoder_parameters = decode_model.config.param_count();
-    for (task, score) in &scores {
+    let models = Models {
+        model_dir: &model_dir,
+        decoder_dir: decoder_dir.as_deref(),
+        model_parameters: config.param_count(),
+        decoder_parameters: decode_model.config.param_count(),
+    };
+    report(&args, &tally, &models);
+    Ok(())
+}
+
+impl Tally {
+    /// Scores one generated answer against the row's (exact match after trimming).
+    fn add(&mut self, row: &HeldOut, prompt_ids: &[i64], ids: &[i64], tokenizer: &Tokenizer) -> Result<()> {
+        self.generated_tokens += ids.len();
+        // The first token comes from the prefill pass; the rest are decoded.
+        self.decoded_tokens += ids.len().saturating_sub(1);
+        let as_u32: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+        let text = tokenizer.decode(&as_u32, true).map_err(|e| anyhow!("cannot decode generated ids: {e}"))?;
+        let correct = text.trim() == row.answer.trim();
+        for score in [self.scores.entry(row.task.clone()).or_default(), &mut self.overall] {
+            score.total += 1;
+            score.correct += correct as usize;
+        }
+        self.per_row.push(json!({"task": row.task, "prompt": row.messages.last().map(|m| m.content.clone()), "prompt_ids": prompt_ids, "answer": row.answer, "generated": text, "correct": correct}));
+        Ok(())
+    }
+}
+
+/// Which models generated, for the report.
+struct Models<'a> {
+    model_dir: &'a Path,
+    decoder_dir: Option<&'a Path>,
+    model_parameters: u64,
+    decoder_parameters: u64,
+}
+
+/// Accuracy per task and overall with the decode speed on stderr; with --json the same as the
+/// last line on stdout.
+fn report(args: &Args, tally: &Tally, models: &Models) {
+    let decode_tokens_per_second = if tally.decode_seconds > 0.0 { tally.decoded_tokens as f64 / tally.decode_seconds } else { 0.0 };
+    let (scores, overall) = (&tally.scores, &tally.overall);
+    for (task, score) in scores {
         eprintln!("{task:>10}: {:6.1}% ({}/{})", 100.0 * score.accuracy(), score.correct, score.total);
     }
     eprintln!(
@@ -235,12 +292,15 @@ pub fn run(args: Args) -> Result<()> {
         100.0 * overall.accuracy(),
         overall.correct,
         overall.total,
-        decoder_parameters,
+        models.decoder_parameters,
         decode_tokens_per_second,
-        decode_steps,
+        tally.decode_steps,
         args.batch_size,
         args.refresh_every.map(|k| format!(", full-model refresh every {k} tokens")).unwrap_or_default(),
     );
+    if let Some(stats) = &tally.speculative {
+        eprintln!("{}", crate::generate::speculative_line(stats));
+    }
     if args.json {
         let tasks: serde_json::Map<String, Value> = scores
             .iter()
@@ -249,25 +309,25 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             json!({
-                "model": model_dir.display().to_string(),
-                "decoder": decoder_dir.as_ref().map(|d| d.display().to_string()),
-                "two_stage": decoder_dir.is_some(),
+                "model": models.model_dir.display().to_string(),
+                "decoder": models.decoder_dir.map(|d| d.display().to_string()),
+                "two_stage": models.decoder_dir.is_some(),
                 "refresh_every": args.refresh_every,
-                "model_parameters": config.param_count(),
-                "decoder_parameters": decoder_parameters,
+                "model_parameters": models.model_parameters,
+                "decoder_parameters": models.decoder_parameters,
                 "accuracy": overall.accuracy(),
                 "correct": overall.correct,
                 "total": overall.total,
                 "tasks": tasks,
                 "batch_size": args.batch_size,
-                "generated_tokens": generated_tokens,
-                "decoded_tokens": decoded_tokens,
-                "prefill_seconds": prefill_seconds,
-                "decode_seconds": decode_seconds,
-                "decode_steps": decode_steps,
+                "generated_tokens": tally.generated_tokens,
+                "decoded_tokens": tally.decoded_tokens,
+                "prefill_seconds": tally.prefill_seconds,
+                "decode_seconds": tally.decode_seconds,
+                "decode_steps": tally.decode_steps,
                 "decode_tokens_per_second": decode_tokens_per_second,
+                "speculative": tally.speculative.as_ref().map(crate::generate::speculative_json),
             })
         );
     }
-    Ok(())
 }

@@ -26,6 +26,7 @@ use overfill_model::checkpoint::{
 use overfill_model::config::ModelConfig;
 use overfill_model::generate::{generate, DecodeOptions, GenerateOptions, GenerationOutput};
 use overfill_model::sampling::Sampling;
+use overfill_model::speculative::SpeculativeStats;
 use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
@@ -65,9 +66,10 @@ pub struct Args {
     /// (text, optional "system"), "messages" or "prompt_ids".
     #[arg(long, value_name = "JSONL")]
     pub input: Option<PathBuf>,
-    /// Chat template: llama3 (the paper's, the recipes' default), chatml, model (the
-    /// tokenizer_config.json's chat_template) or a Jinja file. Use the recipe's.
-    #[arg(long, default_value = "llama3")]
+    /// Chat template: auto (the model's own, as transformers' apply_chat_template; llama3 when
+    /// its tokenizer has none), llama3 (the paper's), chatml, model or a Jinja file. Use the
+    /// recipe's.
+    #[arg(long, default_value = "auto")]
     pub template: String,
     /// Tokens to generate at most per prompt (stops earlier at a stop id).
     #[arg(long, default_value_t = 32)]
@@ -92,6 +94,12 @@ pub struct Args {
     /// tokens (replacing their K/V) and chooses the next token.
     #[arg(long, value_name = "K", requires = "decoder")]
     pub refresh_every: Option<usize>,
+    /// With --decoder: lossless two-stage decoding. The decoder drafts up to K tokens over the
+    /// full model's cache, the full model verifies them in one forward pass and keeps those it
+    /// agrees with: the output is the full model's own (greedy: token for token). Prints the
+    /// acceptance statistics.
+    #[arg(long, value_name = "K", requires = "decoder", conflicts_with_all = ["refresh_every", "logits"])]
+    pub speculative: Option<usize>,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -459,9 +467,13 @@ pub fn run(args: Args) -> Result<()> {
     let decode = DecodeOptions {
         sampling: Sampling::new(args.temperature, args.top_k, args.top_p, args.seed)?,
         refresh_every: args.refresh_every,
+        speculative: args.speculative,
     };
     if args.refresh_every == Some(0) {
         bail!("--refresh-every must be at least 1");
+    }
+    if args.speculative == Some(0) {
+        bail!("--speculative must be at least 1");
     }
     if decode.sampling == Sampling::Greedy && (args.top_k.is_some() || args.top_p < 1.0) {
         eprintln!("note: --temperature 0 decodes greedily; --top-k and --top-p apply with --temperature > 0");
@@ -574,7 +586,7 @@ fn report(
                 json!(prompts[0]),
             )
         };
-        let out = json!({
+        let mut out = json!({
             "token_ids": token_ids,
             "text": text,
             "prompt_ids": prompt_ids,
@@ -592,6 +604,9 @@ fn report(
             "dtype": dtype_name(dtype),
             "device": device_name(device),
         });
+        if let Some(stats) = &output.speculative {
+            out["speculative"] = speculative_json(stats);
+        }
         println!("{out}");
         return Ok(());
     }
@@ -622,5 +637,37 @@ fn report(
             String::new()
         }
     );
+    if let Some(stats) = &output.speculative {
+        eprintln!("{}", speculative_line(stats));
+    }
     Ok(())
+}
+
+/// `--speculative`'s statistics in the `--json` objects of generate and eval-tasks.
+pub fn speculative_json(stats: &SpeculativeStats) -> Value {
+    json!({
+        "draft_len": stats.draft_len,
+        "verifications": stats.verifications,
+        "proposed": stats.proposed,
+        "accepted": stats.accepted,
+        "acceptance_rate": stats.acceptance_rate(),
+        "mean_accepted_per_verification": stats.mean_accepted_per_verification(),
+        "draft_seconds": stats.draft_seconds,
+        "verify_seconds": stats.verify_seconds,
+    })
+}
+
+/// `--speculative`'s statistics as one line for stderr.
+pub fn speculative_line(stats: &SpeculativeStats) -> String {
+    format!(
+        "speculative K={}: {}/{} drafts accepted ({:.1}%), {:.2} per verification; {} verifications {:.3} s, drafting {:.3} s",
+        stats.draft_len,
+        stats.accepted,
+        stats.proposed,
+        100.0 * stats.acceptance_rate(),
+        stats.mean_accepted_per_verification(),
+        stats.verifications,
+        stats.verify_seconds,
+        stats.draft_seconds
+    )
 }

@@ -60,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
     let master_port = match args.master_port {
         Some(port) => port,
         None if args.nnodes == 1 => free_port()?,
-        None => crate::dist::DEFAULT_MASTER_PORT,
+        None => overfill_train::dist::DEFAULT_MASTER_PORT,
     };
     let world_size = args.nnodes * args.nproc_per_node;
     let exe = std::env::current_exe().context("locating the overfill binary")?;

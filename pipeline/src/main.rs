@@ -8,13 +8,13 @@ mod bench_latency;
 mod bench_train;
 mod calibrate_prune;
 mod config_cmd;
-mod dist;
 mod eval_loss;
 mod eval_tasks;
 mod generate;
 mod init_model;
 mod inspect;
 mod launch;
+mod plot_curves;
 mod preprocess;
 mod recipe;
 mod serve;
@@ -57,14 +57,17 @@ enum Command {
     EvalTasks(eval_tasks::Args),
     /// Time OverFill training steps on random weights for given shapes (throughput, MFU).
     BenchTrain(bench_train::Args),
+    /// One scalar (e.g. eval/loss) of several training runs as one PNG, from their TensorBoard
+    /// event files.
+    PlotCurves(plot_curves::Args),
     /// Run an overfill command (e.g. `train`) as N data-parallel ranks on this node, torchrun-style.
     Launch(launch::Args),
     /// Benchmark helper: all-reduce throughput of the c10d shim (run under `overfill launch`).
     #[command(hide = true)]
-    DebugAllreduce(dist::bench::Args),
+    DebugAllreduce(overfill_train::dist::bench::Args),
     /// Test helper: write made-up training scalars to a TensorBoard event file.
     #[command(hide = true)]
-    DebugWriteEvents(train::events::DebugWriteEventsArgs),
+    DebugWriteEvents(overfill_train::events::DebugWriteEventsArgs),
 }
 
 fn main() -> Result<()> {
@@ -83,8 +86,9 @@ fn main() -> Result<()> {
         Command::EvalLoss(args) => eval_loss::run(args),
         Command::EvalTasks(args) => eval_tasks::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
+        Command::PlotCurves(args) => plot_curves::run(args),
         Command::Launch(args) => launch::run(args),
-        Command::DebugAllreduce(args) => dist::bench::run(args),
-        Command::DebugWriteEvents(args) => train::events::debug_write_events(args),
+        Command::DebugAllreduce(args) => overfill_train::dist::bench::run(args),
+        Command::DebugWriteEvents(args) => overfill_train::events::debug_write_events(args),
     }
 }

@@ -32,7 +32,7 @@ pub struct Flags {
     /// Tokenizer folder or tokenizer.json ([data] tokenizer; default: [model] path).
     #[arg(long)]
     tokenizer: Option<String>,
-    /// llama3 | chatml | model | FILE ([data] template).
+    /// auto | llama3 | chatml | model | FILE ([data] template; auto: the tokenizer's own, else llama3).
     #[arg(long)]
     template: Option<String>,
     /// Validation rows, a count ([preprocess] val_size).

@@ -319,3 +319,20 @@ fn dry_run_budget_of_8b_3b_on_8_gpus_says_only_zero1_fits() {
     assert!(one.contains("sharded optimizer    (zero_stage = 1): does NOT fit"), "{one}");
     assert!(one.contains("no per-device batch fits"), "{one}");
 }
+
+#[test]
+fn a_rank_waiting_in_the_rendezvous_says_for_whom_and_where() {
+    let dir = fixture();
+    // Rank 0 of 2 alone: it waits for rank 1 until the (short) timeout, saying so meanwhile.
+    let port = free_port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .current_dir(dir)
+        .args(["train", "--config", "recipe.toml", "--out", "alone", "--set", "train.collective_timeout_secs=3"])
+        .envs([("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let waiting = format!("rank 0 of 2: waiting for the other 1 of 2 ranks to join the store it hosts at 127.0.0.1:{port}");
+    assert!(stderr.contains(&waiting) && stderr.contains("gives up after 3 s"), "{stderr}");
+}

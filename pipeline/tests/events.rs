@@ -1,6 +1,6 @@
 //! TensorBoard event files written by `overfill` (train::events, through the hidden
 //! `debug-write-events` command) read back by TensorBoard's own `EventAccumulator`
-//! (tests/python/read_events.py).
+//! (tests/python/read_events.py); `overfill plot-curves` plots what TensorBoard reads.
 mod common;
 
 use std::collections::BTreeMap;
@@ -165,4 +165,38 @@ fn resumed_run_replaces_the_steps_after_its_checkpoint() {
     // The recipe text of the first run (step 0) survives the purge, once.
     assert_eq!(read.texts.len(), 1);
     assert!(read.texts.values().all(|points| points.len() == 1));
+}
+
+/// `plot-curves` reads the points TensorBoard shows: after a resume, the resumed run's values.
+#[test]
+fn plot_curves_reads_what_tensorboard_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, resumed) = (tmp.path().join("plain"), tmp.path().join("resumed"));
+    write_events(&plain, 12, None);
+    write_events(&resumed, 20, None);
+    write_events(&resumed, 30, Some(15));
+    let png = tmp.path().join("curves.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_overfill"))
+        .args(["plot-curves", "--tag", "eval/loss", "--json", "--out"])
+        .arg(&png)
+        .arg(format!("overfill-s0={}", plain.display()))
+        .arg(format!("pruned-s0={}", resumed.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "plot-curves failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let plotted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (name, dir) in [("overfill-s0", &plain), ("pruned-s0", &resumed)] {
+        let want: Vec<(u64, f32)> = read_events(dir).scalars["eval/loss"].iter().map(|&(s, v)| (s, v as f32)).collect();
+        let got: Vec<(u64, f32)> = plotted["runs"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+            .collect();
+        assert_eq!(got, want, "{name}");
+    }
+    // A PNG of the default size.
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 960, "width");
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::here::overfill_ok;
 use common::{
-    init_model_with_tokenizer, llama32_tokenizer, paths_under, python, repo_root,
-    LLAMA32_VOCAB_TINY_CONFIG,
+    init_model_with_tokenizer, json_ids, llama32_tokenizer, paths_under, python, repo_root,
+    smollm2_dir, smollm2_reference, LLAMA32_VOCAB_TINY_CONFIG,
 };
 use serde_json::{json, Value};
 
@@ -90,6 +90,15 @@ struct Server {
 
 impl Server {
     fn start(model: &str, decoder: Option<&str>, extra: &[&str]) -> Server {
+        Server::start_with_env(model, decoder, extra, &[])
+    }
+
+    fn start_with_env(
+        model: &str,
+        decoder: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut args = vec![
             "serve",
             "--model",
@@ -105,6 +114,7 @@ impl Server {
         args.extend(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_overfill"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -152,6 +162,27 @@ impl Server {
         )
     }
 
+    /// Sends SIGTERM and waits for the process to end (failing after 60 s): its exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit after SIGTERM:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let (status, text) = http(&self.address, "GET", "/metrics", b"");
         assert_eq!(status, 200);
@@ -171,12 +202,17 @@ impl Drop for Server {
 
 /// One HTTP/1.1 request on a fresh connection: (status, body); chunked bodies are joined.
 fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    http_with_key(address, method, path, "", body)
+}
+
+/// `http` with `Authorization: Bearer KEY`.
+fn http_with_key(address: &str, method: &str, path: &str, key: &str, body: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nAuthorization: Bearer \r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -840,8 +876,18 @@ fn bad_requests_disconnects_and_sigterm() {
         "chat prompt too long",
     );
     let (status, answer) = server.post(c, &json!({"prompt": "y".repeat(5000)}));
-    assert_error(status, &answer, 400, None, "body too big");
+    assert_error(status, &answer, 413, None, "body too big");
     assert_eq!(answer["error"]["code"], "request_too_large");
+    for (method, path) in [("GET", c), ("DELETE", "/v1/models"), ("PUT", chat)] {
+        let (status, text) = http(&server.address, method, path, b"");
+        let answer = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON ({status}): {text:?}"));
+        assert_error(status, &answer, 405, None, "wrong method");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(method),
+            "{answer}"
+        );
+    }
     let (status, answer) = server.post(c, &json!({"prompt": vec!["a"; 257], "max_tokens": 1}));
     assert_error(
         status,
@@ -872,7 +918,7 @@ fn bad_requests_disconnects_and_sigterm() {
     );
     assert_eq!(
         server.metric("overfill_requests_total{endpoint=\"/v1/completions\",status=\"400\""),
-        17.0
+        16.0
     );
 
     // vLLM's tokenizer endpoints.
@@ -995,11 +1041,8 @@ fn bad_requests_disconnects_and_sigterm() {
         assert!(Instant::now() < deadline, "the last request never started");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    // The stream finishes, then the process exits.
+    let exit = server.terminate();
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, 200);
     let data = sse_data(&body);
@@ -1012,18 +1055,7 @@ fn bad_requests_disconnects_and_sigterm() {
         finish.last().unwrap()["choices"][0]["finish_reason"],
         "length"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
+    assert_eq!(exit.code(), Some(0), "{}", server.stderr.lock().unwrap());
     assert!(
         TcpStream::connect(&server.address).is_err(),
         "still accepting after SIGTERM"
@@ -1098,4 +1130,139 @@ fn llama_tokenizer_text_equals_generate() {
             );
         }
     }
+}
+
+/// The demo's real model (SmolLM2-135M-Instruct, ChatML with a default system prompt): with no
+/// --template the server renders chat messages with the model's own template, to the ids of
+/// transformers' `apply_chat_template(add_generation_prompt=True)` (tests/python/smollm2_ref.py).
+#[test]
+fn serve_renders_the_models_own_template() {
+    let Some(model) = smollm2_dir() else {
+        return;
+    };
+    let reference = smollm2_reference(&model);
+    let server = Server::start(model.to_str().unwrap(), None, &[]);
+    let conversations = reference["conversations"].as_array().unwrap();
+    for (i, (messages, want)) in conversations.iter().zip(reference["chat_ids"].as_array().unwrap()).enumerate() {
+        let (status, answer) = server.post("/tokenize", &json!({ "messages": messages }));
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(json_ids(&answer["tokens"]), json_ids(want), "conversation {i}");
+    }
+}
+
+/// Sends `request` as is on a fresh connection and reads until the server closes it (a read
+/// limit of 60 s turns a connection that is never closed into a failure, not a hang).
+fn send_and_read_until_closed(address: &str, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A close with unread input is a reset.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server did not close the connection: {e}; read so far: {:?}", String::from_utf8_lossy(&raw)),
+    }
+    String::from_utf8_lossy(&raw).to_string()
+}
+
+/// Headers of a completion request announcing a 100-byte body, and half of that body.
+fn half_a_request() -> Vec<u8> {
+    let mut request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n".to_vec();
+    request.extend_from_slice(&[b' '; 50]);
+    request
+}
+
+#[test]
+fn stalled_connections_time_out_and_others_are_answered_meanwhile() {
+    let m = models();
+    let server = Server::start(
+        &m.full,
+        None,
+        &["--header-timeout", "1", "--body-timeout", "1"],
+    );
+    // Half a body, then nothing: while it waits, another request is answered; then a 408 with an
+    // OpenAI-style body, and the connection is closed.
+    let address = server.address.clone();
+    let stalled = std::thread::spawn(move || send_and_read_until_closed(&address, &half_a_request()));
+    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(status, 200, "{answer}");
+    let response = stalled.join().unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 408"), "{response}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_error(408, &body, 408, None, "stalled body");
+    assert_eq!(body["error"]["code"], "request_timeout");
+    // Half the headers, then nothing: closed without an answer.
+    let response = send_and_read_until_closed(&server.address, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+    assert!(!response.contains("200 OK"), "{response}");
+    // An idle keep-alive connection after its answer: closed.
+    let response = send_and_read_until_closed(&server.address, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn sigterm_stops_within_the_shutdown_timeout_despite_a_stalled_client() {
+    let m = models();
+    // Connection timeouts far longer than the test: only the shutdown deadline can end it.
+    let mut server = Server::start(
+        &m.full,
+        None,
+        &["--header-timeout", "600", "--body-timeout", "600", "--shutdown-timeout", "2"],
+    );
+    let mut stalled = TcpStream::connect(&server.address).unwrap();
+    stalled.write_all(&half_a_request()).unwrap();
+    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(status, 200, "{answer}");
+    // Within 60 s: far less than the 600 s the stalled client could otherwise hold the server.
+    let status = server.terminate();
+    let log = server.stderr.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("--shutdown-timeout") && log.contains("closing them"), "{log}");
+    drop(stalled);
+}
+
+#[test]
+fn api_key_guards_v1_and_leaves_health_open() {
+    let m = models();
+    // The key from the environment, not the command line (`ps` shows the command line).
+    let key = "sk-overfill-test";
+    let server = Server::start_with_env(&m.full, None, &[], &[("OVERFILL_API_KEY", key)]);
+    for path in ["/health", "/metrics"] {
+        let (status, _) = http(&server.address, "GET", path, b"");
+        assert_eq!(status, 200, "{path} stays open");
+    }
+    let request = json!({"prompt": "hi", "max_tokens": 2}).to_string();
+    for (what, sent) in [("no key", ""), ("a wrong key", "sk-overfill-tes"), ("a longer key", "sk-overfill-test2")] {
+        for (method, path, body) in [("POST", "/v1/completions", request.as_bytes()), ("GET", "/v1/models", b"" as &[u8])] {
+            let (status, text) = http_with_key(&server.address, method, path, sent, body);
+            let answer = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {text:?}"));
+            assert_error(status, &answer, 401, None, what);
+            assert_eq!(answer["error"]["code"], "invalid_api_key", "{what}");
+        }
+    }
+    let (status, answer) = http_with_key(&server.address, "POST", "/v1/completions", key, request.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/serve_api_key.py"))
+        .args([&format!("{}/v1", server.base()), key, "Tell me a story", "6"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openai client:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["models"], json!(["tiny"]));
+    let expected = generate_json(&m.full, None, &["--raw", "--prompt", "Tell me a story", "--max-new-tokens", "6"]);
+    assert_eq!(got["text"], expected["text"], "{got}");
+    assert_eq!(got["wrong_key"]["error"], "AuthenticationError", "{got}");
+    assert_eq!(got["wrong_key"]["status"], 401, "{got}");
+    assert_eq!(got["wrong_key"]["body"]["code"], "invalid_api_key", "{got}");
+    assert!(!server.stderr.lock().unwrap().contains("warning"), "a key: no warning");
+
+    // Listening beyond loopback without a key: a warning.
+    let open = Server::start(&m.full, None, &["--host", "0.0.0.0"]);
+    let log = open.stderr.lock().unwrap().clone();
+    assert!(log.contains("warning: listening on 0.0.0.0 without an API key"), "{log}");
 }

@@ -161,6 +161,46 @@ fn decoder_flag_matches_transformers_for_one_prompt_and_a_jsonl_batch() {
     }
 }
 
+/// `--speculative K`: the decoder drafts, the full model verifies; the output is transformers'
+/// greedy generation of the full model alone, and the acceptance statistics are reported.
+#[test]
+fn speculative_flag_gives_the_full_models_tokens_and_reports_acceptance() {
+    let name = "llama3";
+    let refs = read_refs(&ref_dir().join(name).join("ref.safetensors"));
+    let expected = rows(&refs["spec.full.tokens"]);
+    let jsonl = ref_dir().join(name).join("spec.jsonl");
+    let (full, decoder) = (case(name, "full"), case(name, "decoder"));
+    let n = expected[0].len().to_string();
+    let out = last_json(&overfill_ok(&[
+        "generate", "--model", &full, "--decoder", &decoder, "--speculative", "3",
+        "--input", jsonl.to_str().unwrap(), "--max-new-tokens", &n, "--stop-ids", "none", "--json",
+    ]));
+    let got: Vec<Vec<i64>> = out["token_ids"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(got, expected);
+    let stats = &out["speculative"];
+    assert_eq!(stats["draft_len"], 3);
+    let rate = stats["acceptance_rate"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate < 1.0, "{stats}");
+    let (proposed, accepted) = (stats["proposed"].as_u64().unwrap(), stats["accepted"].as_u64().unwrap());
+    assert_eq!(rate, accepted as f64 / proposed as f64);
+    assert!(stats["verifications"].as_u64().unwrap() > 0);
+
+    // Without --json the statistics go to stderr.
+    let prompt = joined(&expected[0][..3]);
+    let output = overfill(&["generate", "--model", &full, "--decoder", &decoder, "--speculative", "2", "--prompt-ids", &prompt]);
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("speculative K=2:") && stderr.contains("drafts accepted"), "{stderr}");
+
+    let err = overfill_refused(&["generate", "--model", &full, "--prompt-ids", "5", "--speculative", "2"]);
+    assert!(err.contains("--decoder"), "--speculative needs a decoder: {err}");
+    let two = ["generate", "--model", &full, "--decoder", &decoder, "--prompt-ids", "5"];
+    let err = overfill_refused(&[&two[..], &["--speculative", "2", "--refresh-every", "2"]].concat());
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = overfill_refused(&[&two[..], &["--speculative", "0"]].concat());
+    assert!(err.contains("--speculative must be at least 1"), "{err}");
+}
+
 #[test]
 fn seeded_sampling_reproduces_and_top_k_one_is_greedy() {
     let (full, decoder) = (case("llama3", "full"), case("llama3", "decoder"));
@@ -361,4 +401,47 @@ fn text_prompts_render_the_chat_template_like_transformers() {
     std::fs::write(&messages, r#"[{"role":"wizard","content":"x"}]"#).unwrap();
     let err = overfill_refused(&[&gen[..], &["--messages", messages.to_str().unwrap()]].concat());
     assert!(err.contains("unknown role \"wizard\""), "{err}");
+}
+
+/// `eval-tasks --speculative K`: whatever the drafter (here an unrelated random model of the same
+/// shape), every answer is the full model's own, and the acceptance statistics are reported.
+#[test]
+fn eval_tasks_speculative_answers_are_the_full_models() {
+    let Some(tokenizer) = llama32_tokenizer() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (full_dir, drafter_dir) = (tmp.path().join("full"), tmp.path().join("drafter"));
+    for dir in [&full_dir, &drafter_dir] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let full = init_model_with_tokenizer(&full_dir, LLAMA32_VOCAB_TINY_CONFIG, "5", &tokenizer);
+    let drafter = init_model_with_tokenizer(&drafter_dir, LLAMA32_VOCAB_TINY_CONFIG, "6", &tokenizer);
+    let held_out = tmp.path().join("heldout.jsonl");
+    let lines: Vec<String> = ["2 + 2", "the capital of France", "reverse abc"]
+        .iter()
+        .map(|q| serde_json::json!({"task": "t", "prompt": q, "answer": "x"}).to_string())
+        .collect();
+    std::fs::write(&held_out, lines.join("\n") + "\n").unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let out_path = tmp.path().join(out);
+        let base = ["eval-tasks", "--model", full.to_str().unwrap(), "--input", held_out.to_str().unwrap(),
+            "--max-new-tokens", "12", "--batch-size", "2", "--json", "--out", out_path.to_str().unwrap()];
+        let summary = last_json(&overfill_ok(&[&base[..], extra].concat()));
+        let answers: Vec<Value> = std::fs::read_to_string(out_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["generated"].clone())
+            .collect();
+        (summary, answers)
+    };
+    let (plain, plain_answers) = run(&[], "plain.jsonl");
+    let drafter = drafter.to_str().unwrap();
+    let (spec, spec_answers) = run(&["--decoder", drafter, "--speculative", "3"], "spec.jsonl");
+    assert_eq!(spec_answers, plain_answers);
+    assert_eq!(spec["accuracy"], plain["accuracy"]);
+    assert_eq!(plain["speculative"], Value::Null);
+    let stats = &spec["speculative"];
+    assert!(stats["proposed"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["accepted"].as_u64().unwrap() <= stats["proposed"].as_u64().unwrap());
 }

@@ -1,7 +1,7 @@
 """`just bench-ddp`: all-reduce throughput of overfill's c10d shim against torch.distributed
 (Gloo, 2 processes on loopback, the same f32 tensor sizes), printed as a ratio per size.
 
-Both sides follow one protocol (pipeline/src/dist/bench.rs has the overfill side): per size, one
+Both sides follow one protocol (train/src/dist/bench.rs has the overfill side): per size, one
 checked all-reduce of ones, the tensor zeroed, `--warmup` untimed all-reduces, then per sample a
 barrier and the same number of timed all-reduces (rank 0's clock). The count per size moves at
 least `--mib-per-sample` MiB (and at least `--min-iters` calls), so a 1 MiB sample is hundreds of

@@ -14,7 +14,13 @@ model/tests/two_stage.rs and pipeline/tests/two_stage_cli.rs.
           full.single.tokens [N] i64                        the full model alone (plain greedy)
           refresh3.batch.tokens [B, N] i64                  the batch with a refresh every 3
                                                             decoder slots (see refresh_greedy)
-      and OUT_DIR/<case>/batch.jsonl: one {"prompt_ids": [...]} per batch row.
+          spec.prompt.R [T_R] i64, spec.full.tokens [4, M] i64
+                                                            four prompts of different lengths and
+                                                            the full model's greedy tokens from
+                                                            transformers' generate() (left-padded
+                                                            batch, eos ignored): what speculative
+                                                            decoding must reproduce
+      and OUT_DIR/<case>/batch.jsonl, spec.jsonl: one {"prompt_ids": [...]} per batch row.
 
   chat-ids TOKENIZER_DIR MESSAGES_JSON
       Prints the token ids (JSON list) of transformers' apply_chat_template(messages,
@@ -40,6 +46,8 @@ from tiny_decoder import slice_decoder
 NEW_TOKENS = 10
 SINGLE_LENGTH = 9
 BATCH_LENGTHS = [7, 3, 5]
+SPEC_LENGTHS = [6, 2, 11, 4]
+SPEC_TOKENS = 24
 DECODER_HIDDEN = 32
 DECODER_INTERMEDIATE = 48
 
@@ -69,16 +77,34 @@ def cases():
     }
 
 
+def left_pad(prompts):
+    """ids and attention_mask [B, T] of the prompts left-padded with id 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_greedy(model, prompts, new_tokens):
+    """[B, new_tokens]: transformers' own greedy generate() over the left-padded batch, eos
+    ignored."""
+    ids, mask = left_pad(prompts)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    tokens = out[:, ids.shape[1]:]
+    assert tokens.shape == (len(prompts), new_tokens), tokens.shape
+    return tokens.contiguous()
+
+
 @torch.no_grad()
 def two_stage_greedy(full, decoder, prompts):
     """[B, NEW_TOKENS] greedy tokens: full model prefill, decoder continues from its cache."""
     b = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(b, width, dtype=torch.int64)
-    mask = torch.zeros(b, width, dtype=torch.int64)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+    ids, mask = left_pad(prompts)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = full(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     past = out.past_key_values
@@ -101,12 +127,7 @@ def refresh_greedy(full, decoder, prompts, every):
     cache slots, the cache is cropped back over them (DynamicCache.crop) and the full model runs
     those tokens plus the newest one; its last logit chooses the next token."""
     b = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(b, width, dtype=torch.int64)
-    mask = torch.zeros(b, width, dtype=torch.int64)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+    ids, mask = left_pad(prompts)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = full(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     past = out.past_key_values
@@ -157,13 +178,19 @@ def make(out_dir: Path):
         vocab = kwargs["vocab_size"]
         single = torch.randint(3, vocab, (SINGLE_LENGTH,), generator=g)
         batch = [torch.randint(3, vocab, (n,), generator=g) for n in BATCH_LENGTHS]
+        spec = [torch.randint(3, vocab, (n,), generator=g) for n in SPEC_LENGTHS]
         refs = {
             "single.prompt": single.clone(),
             "single.tokens": two_stage_greedy(full, decoder, [single])[0].clone(),
             "batch.tokens": two_stage_greedy(full, decoder, batch).contiguous(),
             "full.single.tokens": two_stage_greedy(full, full, [single])[0].clone(),
             "refresh3.batch.tokens": refresh_greedy(full, decoder, batch, 3).contiguous(),
+            "spec.full.tokens": generate_greedy(full, spec, SPEC_TOKENS),
         }
+        for row, p in enumerate(spec):
+            refs[f"spec.prompt.{row}"] = p.clone()
+            # Alone, each prompt continues as in the batch.
+            assert torch.equal(generate_greedy(full, [p], SPEC_TOKENS)[0], refs["spec.full.tokens"][row])
         # A refresh never happens within the generation: plain two-stage.
         assert torch.equal(refresh_greedy(full, decoder, batch, NEW_TOKENS), refs["batch.tokens"])
         assert not torch.equal(refs["refresh3.batch.tokens"], refs["batch.tokens"]), name
@@ -174,9 +201,10 @@ def make(out_dir: Path):
             alone = two_stage_greedy(full, decoder, [p])[0]
             assert torch.equal(alone, refs["batch.tokens"][row]), (name, row)
         save_file(refs, str(case_dir / "ref.safetensors"))
-        with open(case_dir / "batch.jsonl", "w") as f:
-            for p in batch:
-                f.write(json.dumps({"prompt_ids": p.tolist()}) + "\n")
+        for file_name, prompts in (("batch.jsonl", batch), ("spec.jsonl", spec)):
+            with open(case_dir / file_name, "w") as f:
+                for p in prompts:
+                    f.write(json.dumps({"prompt_ids": p.tolist()}) + "\n")
     print(json.dumps(sorted(cases())))
 
 

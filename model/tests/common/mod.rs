@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use overfill_model::generate::GenerateOptions;
+use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
@@ -95,6 +97,48 @@ pub fn cached_script_output(script_name: &str, cache_name: &str) -> PathBuf {
         }
     }
     dir
+}
+
+/// tests/python/two_stage_ref.py's tiny full models, their sliced decoders and the reference
+/// tokens, made once (see `cached_script_output`).
+pub fn two_stage_ref_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_script_output("two_stage_ref.py", "two-stage-ref-cache"))
+}
+
+/// A checkpoint of two_stage_ref.py (case "llama3" or "qwen2_bias"; "full", "decoder" or
+/// "shallow"), CPU f32.
+pub fn two_stage_model(case: &str, which: &str) -> Transformer {
+    let dir = two_stage_ref_dir().join(case).join(which);
+    Transformer::load(&dir, tch::Device::Cpu, Kind::Float).unwrap()
+}
+
+/// A two_stage_ref.py case's full model and its sliced decoder.
+pub fn two_stage_pair(case: &str) -> (Transformer, Transformer) {
+    (
+        two_stage_model(case, "full"),
+        two_stage_model(case, "decoder"),
+    )
+}
+
+/// The reference tensors of a two_stage_ref.py case.
+pub fn two_stage_refs(case: &str) -> HashMap<String, Tensor> {
+    read_refs(&two_stage_ref_dir().join(case).join("ref.safetensors"))
+}
+
+/// Generation of exactly `max_new_tokens` tokens (no stop ids: the references ignore eos).
+pub fn no_stop_options(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        keep_prompt_logits: false,
+    }
+}
+
+/// The rows of a [B, N] tensor.
+pub fn tensor_rows(t: &Tensor) -> Vec<Vec<i64>> {
+    (0..t.size()[0]).map(|r| to_vec_i64(&t.get(r))).collect()
 }
 
 pub const CASES: [&str; 5] = [

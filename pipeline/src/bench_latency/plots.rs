@@ -8,7 +8,7 @@ use std::sync::Once;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use super::Row;
+use super::measure::Row;
 
 const SYSTEMS: [(&str, RGBColor); 3] = [
     ("full", RGBColor(31, 119, 180)),
@@ -17,11 +17,11 @@ const SYSTEMS: [(&str, RGBColor); 3] = [
 ];
 const SIZE: (u32, u32) = (960, 600);
 
-fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing the figure: {e}")
 }
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static REGISTER: Once = Once::new();
     let mut result = Ok(());
     REGISTER.call_once(|| {
@@ -39,7 +39,7 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 /// A white page for one figure, the run's subtitle (machine, dtype, threads) in a strip at its
 /// top: the whole page (to present) and the area below the strip (for the chart).
-fn page<'a>(path: &'a Path, subtitle: &str) -> Result<(Area<'a>, Area<'a>)> {
+pub(crate) fn page<'a>(path: &'a Path, subtitle: &str) -> Result<(Area<'a>, Area<'a>)> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (top, body) = root.split_vertically(30);
@@ -53,7 +53,7 @@ fn page<'a>(path: &'a Path, subtitle: &str) -> Result<(Area<'a>, Area<'a>)> {
 }
 
 /// The series' legend in the chart's upper-left corner, over a faint white box.
-fn draw_legend<'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+pub(crate) fn draw_legend<'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
     chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
     font_size: u32,
 ) -> Result<()> {

@@ -11,13 +11,32 @@
 //! Values go through serde (the same `Serialize` the reader's `Deserialize` mirrors), so reading
 //! the text back gives the same recipe. Tables and keys come in the order of the structs (the
 //! stages' order); keys that are not set are printed as comments.
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value as Json;
 
-use super::{Origin, Recipe};
+/// Where a value of the resolved recipe came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    Recipe,
+    Flag,
+}
 
-pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Default => "default",
+            Origin::Recipe => "recipe",
+            Origin::Flag => "flag",
+        }
+    }
+}
+
+/// `recipe` (read from `file`) as TOML, each value marked with `origin(dotted key)`.
+pub(super) fn annotated_toml(recipe: &impl serde::Serialize, file: Option<&Path>, origin: impl Fn(&str) -> Origin) -> Result<String> {
     // Through JSON text: it keeps unset options (null), which a TOML serializer drops, and its
     // fields come in struct order, which `Node` keeps.
     let json = serde_json::to_string(recipe).context("serializing the recipe")?;
@@ -27,7 +46,7 @@ pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
 
     let mut out = String::new();
     out.push_str("# The resolved recipe");
-    if let Some(file) = recipe.file() {
+    if let Some(file) = file {
         out.push_str(&format!(" of {}", file.display()));
     }
     out.push_str(" (`overfill config` prints it; every stage writes it next to its output).\n");
@@ -37,7 +56,7 @@ pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
     // Top-level values first: after a table header every key belongs to that table.
     for (key, node) in &top {
         if let Node::Value(value) = node {
-            out.push_str(&line(key, value, recipe.origin(key))?);
+            out.push_str(&line(key, value, origin(key))?);
         }
     }
     for (key, node) in &top {
@@ -47,17 +66,17 @@ pub(super) fn annotated_toml(recipe: &Recipe) -> Result<String> {
                 for (field, node) in fields {
                     // A list or table inside a section is a TOML value (`[]`, `{ a = 1 }`).
                     let value = node.to_json();
-                    out.push_str(&line(field, &value, recipe.origin(&format!("{key}.{field}")))?);
+                    out.push_str(&line(field, &value, origin(&format!("{key}.{field}")))?);
                 }
             }
             Node::Tables(items) => {
                 if items.is_empty() {
-                    out.push_str(&format!("\n# [[{key}]]: none{}# {}\n", pad(key.len() + 11), recipe.origin(key).as_str()));
+                    out.push_str(&format!("\n# [[{key}]]: none{}# {}\n", pad(key.len() + 11), origin(key).as_str()));
                 }
                 for fields in items {
-                    out.push_str(&format!("\n[[{key}]]{}# {}\n", pad(key.len() + 4), recipe.origin(key).as_str()));
+                    out.push_str(&format!("\n[[{key}]]{}# {}\n", pad(key.len() + 4), origin(key).as_str()));
                     for (field, value) in fields {
-                        out.push_str(&line(field, value, recipe.origin(key))?);
+                        out.push_str(&line(field, value, origin(key))?);
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //!
 //! A recipe TOML (`configs/<name>.toml`) has one table per stage: `name`, `[model]`, `[data]`,
 //! `[[sources]]`, `[preprocess]` (section types from `overfill_data::recipe`, shared with the
-//! data crate), `[calibrate]`, `[prune]` (here) and `[train]` (`crate::train::TrainSection`).
+//! data crate), `[calibrate]`, `[prune]` (here) and `[train]` (`overfill_train::TrainSection`).
 //! Every table rejects unknown keys and wrong types, with an error naming the file, line, table
 //! and key and the closest valid key ([`explain`]). Built-in defaults fill what a recipe leaves
 //! out; `--set TABLE.KEY=VALUE` and each stage's own flags override recipe values. The recipe
@@ -12,17 +12,16 @@
 mod emit;
 mod explain;
 
+pub use emit::Origin;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use overfill_data::recipe::{DataSection, ModelSection, PreprocessSection, SourceSpec};
+use overfill_data::recipe::{write_resolved_text, DataSection, ModelSection, PreprocessSection, SourceSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::train::TrainSection;
-
-/// The file every stage writes next to its output.
-pub const RESOLVED_FILE: &str = "resolved-recipe.toml";
+use overfill_train::TrainSection;
 
 /// `[calibrate]`: the calibration pass of `overfill calibrate-prune`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,24 +84,6 @@ pub struct PruneSection {
     pub round_to: Option<usize>,
     /// Output folder of the pruned checkpoint.
     pub out: Option<String>,
-}
-
-/// Where a value of the resolved recipe came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Default,
-    Recipe,
-    Flag,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Default => "default",
-            Origin::Recipe => "recipe",
-            Origin::Flag => "flag",
-        }
-    }
 }
 
 /// The whole recipe. Field order is the order of the printed recipe.
@@ -305,20 +286,14 @@ impl Recipe {
     /// The resolved recipe as TOML, every value marked with where it came from; reading it back
     /// gives the same values.
     pub fn to_toml(&self) -> Result<String> {
-        emit::annotated_toml(self)
+        emit::annotated_toml(self, self.file(), |key| self.origin(key))
     }
 }
 
 /// Write the resolved recipe to `dir/resolved-recipe.toml` (atomically), so that a run can be
 /// reproduced from its output folder alone.
 pub fn write_resolved(recipe: &Recipe, dir: &Path) -> Result<()> {
-    let text = recipe.to_toml()?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(RESOLVED_FILE);
-    let tmp = dir.join(format!("{RESOLVED_FILE}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    write_resolved_text(dir, &recipe.to_toml()?)
 }
 
 /// A prune ratio is the share of channels removed, in [0, 1).

@@ -1,6 +1,8 @@
 //! Unit tests of the recipe reader: strictness and its messages, origins, the printed form.
 use std::path::{Path, PathBuf};
 
+use overfill_data::recipe::RESOLVED_FILE;
+
 use super::*;
 
 fn configs_dir() -> PathBuf {

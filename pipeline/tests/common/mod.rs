@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::Value;
 use tch::Tensor;
 
 // One copy of the model tests' helpers for both crates' tests.
@@ -254,4 +255,34 @@ pub fn paths_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     paths
+}
+
+/// The demo's real model (`scripts/smollm2.py`): the converted folder, or None (with the reason printed) when the set-up has not made it.
+pub fn smollm2_dir() -> Option<PathBuf> {
+    let cache = std::env::var_os("OVERFILL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/overfill")))?;
+    let dir = cache.join("models/SmolLM2-135M-Instruct");
+    if dir.join(".overfill-converted").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipped: {} is absent (`just setup` converts SmolLM2-135M-Instruct there)", dir.display());
+        None
+    }
+}
+
+/// transformers' answers, computed once per version of the reference script and of the converted
+/// folder (its conversion stamp), and once per test binary.
+pub fn smollm2_reference(model: &Path) -> &'static Value {
+    static REFERENCE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let stamp = std::fs::read_to_string(model.join(".overfill-converted")).expect("conversion stamp");
+        let dir = model::cached_script_output("smollm2_ref.py", &format!("smollm2-ref-cache-v{}", stamp.trim()));
+        read_json(&dir.join("ref.json"))
+    })
+}
+
+/// A JSON list of token ids.
+pub fn json_ids(value: &Value) -> Vec<i64> {
+    value.as_array().expect("a list of ids").iter().map(|v| v.as_i64().expect("an id")).collect()
 }
