@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::config::ModelConfig;
-use crate::transformer::{SpanTokens, Transformer};
+use crate::transformer::{backward_with_gradient, SpanTokens, Transformer};
 
 /// Label of a position that predicts nothing (padding); the value transformers uses.
 pub const IGNORE_INDEX: i64 = -100;
@@ -30,7 +30,7 @@ const PAD_ID: i64 = 0;
 /// (the trainer's `keep_freed_memory`) instead of being mapped and faulted in again every step.
 /// On a GPU 1 GiB: every block reads the whole [V, D] LM head again, so blocks of a few dozen
 /// rows would make its matmul memory-bound; the block only bounds the temporaries.
-fn logits_block_bytes(device: Device) -> i64 {
+pub fn logits_block_bytes(device: Device) -> i64 {
     match device {
         Device::Cpu => 30 << 20,
         _ => 1 << 30,
@@ -220,6 +220,120 @@ pub fn check_compatible(full: &ModelConfig, decoder: &ModelConfig) -> Result<()>
     Ok(())
 }
 
+/// What the decoder runs over in one training step, after the checks (and, in OverFill mode, the
+/// frozen full model's prefill).
+struct DecoderInputs {
+    /// [B, T] ids, positions; [B, P + T] mask.
+    ids: Tensor,
+    positions: Tensor,
+    mask: Tensor,
+    /// OverFill: the full model's per-layer K/V of the context, [B, KV, Tc, hd] each.
+    past: Option<Vec<(Tensor, Tensor)>>,
+    /// [R] flat indices of the real slots of ids.
+    real: Tensor,
+    /// The target's columns within T: Pruned/SFT run context ‖ target (Tc, N); OverFill only
+    /// the target (0, N).
+    target_columns: (i64, i64),
+}
+
+impl DecoderInputs {
+    /// OverFill (`full = Some`): the full model prefills the context without grad and the
+    /// decoder runs over target_inputs at target_positions, attending to that K/V first. Pruned/SFT
+    /// (`full = None`): the decoder runs over context ‖ target_inputs in one pass.
+    fn new(decoder: &Transformer, full: Option<&Transformer>, batch: &TrainBatch) -> Result<Self> {
+        let device = decoder.device();
+        if batch.context_ids.device() != device {
+            bail!(
+                "the batch is on {:?}, the decoder on {device:?}",
+                batch.context_ids.device()
+            );
+        }
+        // The ids are range-checked here, on the host, so the forward passes need not wait for
+        // the device to check them again; they compute the real slots only (padding costs
+        // nothing in the projections and MLPs).
+        let vocab = decoder.config.vocab_size as i64;
+        if batch.max_token_id >= vocab {
+            bail!(
+                "token id {} of the batch is outside the decoder's vocabulary of {vocab}",
+                batch.max_token_id
+            );
+        }
+        let target_width = batch.target_inputs.size()[1];
+        match full {
+            Some(full) => {
+                check_compatible(&full.config, &decoder.config)?;
+                if full.device() != device {
+                    bail!(
+                        "the full model is on {:?}, the decoder on {device:?}",
+                        full.device()
+                    );
+                }
+                let past = full
+                    .prefill_kv_with(
+                        &batch.context_ids,
+                        &batch.context_positions,
+                        &batch.context_mask,
+                        SpanTokens::Real(&batch.context_real),
+                    )
+                    .context("full-model prefill of the context")?;
+                Ok(DecoderInputs {
+                    ids: batch.target_inputs.shallow_clone(),
+                    positions: batch.target_positions.shallow_clone(),
+                    mask: Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1),
+                    past: Some(past),
+                    real: batch.scored.shallow_clone(),
+                    target_columns: (0, target_width),
+                })
+            }
+            None => {
+                let context_width = batch.context_ids.size()[1];
+                // The real slots of context ‖ target: row · (Tc + N) + j.
+                let width = context_width + target_width;
+                let (context, target) = (&batch.context_real, &batch.scored);
+                let real = Tensor::cat(
+                    &[
+                        context.floor_divide_scalar(context_width) * width
+                            + context.remainder(context_width),
+                        target.floor_divide_scalar(target_width) * width
+                            + context_width
+                            + target.remainder(target_width),
+                    ],
+                    0,
+                );
+                Ok(DecoderInputs {
+                    ids: Tensor::cat(&[&batch.context_ids, &batch.target_inputs], 1),
+                    positions: Tensor::cat(&[&batch.context_positions, &batch.target_positions], 1),
+                    mask: Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1),
+                    past: None,
+                    real,
+                    target_columns: (context_width, target_width),
+                })
+            }
+        }
+    }
+
+    /// The decoder's final hidden states with autograd on, [B, T, D].
+    fn hidden(&self, decoder: &Transformer) -> Result<Tensor> {
+        decoder
+            .forward_train_hidden(
+                &self.ids,
+                &self.positions,
+                &self.mask,
+                self.past.as_deref(),
+                SpanTokens::Real(&self.real),
+            )
+            .context("decoder forward")
+    }
+
+    /// The final hidden states [B, T, D] -> those of the M scored positions [M, D]: only they go
+    /// through the LM head (padding costs no [.., V] logits).
+    fn scored_hidden(&self, hidden: &Tensor, batch: &TrainBatch) -> Tensor {
+        let (first, width) = self.target_columns;
+        let d = hidden.size()[2];
+        hidden.narrow(1, first, width).reshape([-1, d]).index_select(0, &batch.scored)
+    }
+}
+
 /// Sum (f32 scalar, differentiable w.r.t. the decoder's parameters) of the token cross-entropies
 /// over the batch's labels.
 ///
@@ -228,92 +342,86 @@ pub fn check_compatible(full: &ModelConfig, decoder: &ModelConfig) -> Result<()>
 /// causally to its own. `full = None`: the Pruned/SFT baselines — the decoder runs over
 /// context ‖ target_inputs in one pass and only the target positions go through the LM head.
 /// Both score exactly the tokens y1..yN. Divide by the step's predicted tokens for the loss.
+/// (Training uses `backward_loss_sum`, which frees each block of logits as it goes.)
 pub fn loss_sum(
     decoder: &Transformer,
     full: Option<&Transformer>,
     batch: &TrainBatch,
 ) -> Result<Tensor> {
-    let device = decoder.device();
-    if batch.context_ids.device() != device {
-        bail!(
-            "the batch is on {:?}, the decoder on {device:?}",
-            batch.context_ids.device()
-        );
-    }
-    // The ids are range-checked here, on the host, so the forward passes below need not wait
-    // for the device to check them again; they compute the real slots only (padding costs
-    // nothing in the projections and MLPs).
-    let vocab = decoder.config.vocab_size as i64;
-    if batch.max_token_id >= vocab {
-        bail!(
-            "token id {} of the batch is outside the decoder's vocabulary of {vocab}",
-            batch.max_token_id
-        );
-    }
-    // [B, N, D]
-    let hidden = match full {
-        Some(full) => {
-            check_compatible(&full.config, &decoder.config)?;
-            if full.device() != device {
-                bail!(
-                    "the full model is on {:?}, the decoder on {device:?}",
-                    full.device()
-                );
-            }
-            let past = full
-                .prefill_kv_with(
-                    &batch.context_ids,
-                    &batch.context_positions,
-                    &batch.context_mask,
-                    SpanTokens::Real(&batch.context_real),
-                )
-                .context("full-model prefill of the context")?;
-            let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
-            decoder
-                .forward_train_hidden(
-                    &batch.target_inputs,
-                    &batch.target_positions,
-                    &mask,
-                    Some(&past),
-                    SpanTokens::Real(&batch.scored),
-                )
-                .context("decoder forward over the target")?
-        }
-        None => {
-            let ids = Tensor::cat(&[&batch.context_ids, &batch.target_inputs], 1);
-            let positions = Tensor::cat(&[&batch.context_positions, &batch.target_positions], 1);
-            let mask = Tensor::cat(&[&batch.context_mask, &batch.target_mask], 1);
-            let context_width = batch.context_ids.size()[1];
-            let target_width = batch.target_inputs.size()[1];
-            // The real slots of context ‖ target: row · (Tc + N) + j.
-            let width = context_width + target_width;
-            let context = &batch.context_real;
-            let target = &batch.scored;
-            let real = Tensor::cat(
-                &[
-                    context.floor_divide_scalar(context_width) * width
-                        + context.remainder(context_width),
-                    target.floor_divide_scalar(target_width) * width
-                        + context_width
-                        + target.remainder(target_width),
-                ],
-                0,
-            );
-            decoder
-                .forward_train_hidden(&ids, &positions, &mask, None, SpanTokens::Real(&real))
-                .context("forward over context and target")?
-                .narrow(1, context_width, target_width)
-        }
-    };
-    // Only the M scored positions go through the LM head: padding costs no [.., V] logits.
-    let d = hidden.size()[2];
+    let inputs = DecoderInputs::new(decoder, full, batch)?;
+    let hidden = inputs.scored_hidden(&inputs.hidden(decoder)?, batch); // [M, D]
     let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
-    let hidden = hidden.reshape([-1, d]).index_select(0, &batch.scored); // [M, D]
+    cross_entropy_sum(decoder, &hidden, &labels, logits_block_rows(decoder))
+}
 
-    // In blocks of rows (`logits_block_bytes`): the [rows, V] temporaries of the forward and the
-    // backward come from the heap and are reused block after block.
-    let rows = (logits_block_bytes(device) / (vocab * 4)).max(1);
-    cross_entropy_sum(decoder, &hidden, &labels, rows)
+/// One micro-batch of a training step: `loss_sum`'s forward and its backward, the gradient of
+/// `scale` × the sum added into the decoder's `.grad`s (the trainer's scale is 1 / the step's
+/// predicted tokens). Returns the unscaled sum, detached.
+///
+/// The LM head and the loss run in blocks of rows (`logits_block_bytes`), each block's backward
+/// right after its forward, so at most one block of [rows, V] logits and their log-softmax exist
+/// at a time. With `activation_checkpointing` the decoder's layers keep only their inputs and
+/// recompute their activations in the backward (`Transformer::backward_recomputing`); the
+/// gradients equal those without it.
+pub fn backward_loss_sum(
+    decoder: &Transformer,
+    full: Option<&Transformer>,
+    batch: &TrainBatch,
+    scale: f64,
+    activation_checkpointing: bool,
+) -> Result<Tensor> {
+    let inputs = DecoderInputs::new(decoder, full, batch)?;
+    if batch.predicted_tokens == 0 {
+        return Ok(Tensor::zeros([], (Kind::Float, decoder.device())));
+    }
+    let labels = batch.labels.view([-1]).index_select(0, &batch.scored); // [M]
+    let rows = logits_block_rows(decoder);
+    let mut head = |hidden: &Tensor| -> Result<Tensor> {
+        let scored = inputs.scored_hidden(hidden, batch); // [M, D]
+        let (sum, grad) = cross_entropy_backward(decoder, &scored, &labels, rows, scale)?;
+        backward_with_gradient(&scored, &grad)?;
+        Ok(sum)
+    };
+    if activation_checkpointing {
+        decoder.backward_recomputing(
+            &inputs.ids,
+            &inputs.positions,
+            &inputs.mask,
+            inputs.past.as_deref(),
+            SpanTokens::Real(&inputs.real),
+            &mut head,
+        )
+    } else {
+        head(&inputs.hidden(decoder)?)
+    }
+}
+
+/// Rows of [rows, V] f32 logits per block of the loss (`logits_block_bytes`).
+fn logits_block_rows(decoder: &Transformer) -> i64 {
+    let vocab = decoder.config.vocab_size as i64;
+    (logits_block_bytes(decoder.device()) / (vocab * 4)).max(1)
+}
+
+/// `cross_entropy_sum` with each block's backward right after its forward: the LM head's gradient
+/// goes into its `.grad`, and the gradient of `scale` × the sum with respect to `hidden` [M, D] is
+/// returned beside the unscaled sum (detached).
+fn cross_entropy_backward(
+    decoder: &Transformer,
+    hidden: &Tensor,
+    labels: &Tensor,
+    rows: i64,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let mut sums = Vec::new();
+    let mut grads = Vec::new();
+    for (hidden, labels) in hidden.detach().split(rows, 0).iter().zip(labels.split(rows, 0)) {
+        let hidden = hidden.detach().set_requires_grad(true);
+        let sum = cross_entropy_sum(decoder, &hidden, &labels, rows)?;
+        (&sum * scale).f_backward().context("backward of the loss")?;
+        sums.push(sum.detach());
+        grads.push(hidden.grad());
+    }
+    Ok((Tensor::stack(&sums, 0).sum(Kind::Float), Tensor::cat(&grads, 0)))
 }
 
 /// Σ cross-entropy of the LM head's logits of `hidden` [M, D] against `labels` [M], computed

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use common::*;
 use overfill_model::config::RopeScaling;
 use overfill_model::kv_cache::KvCache;
-use overfill_model::train::{check_compatible, loss_sum, TrainBatch, IGNORE_INDEX};
+use overfill_model::train::{backward_loss_sum, check_compatible, loss_sum, TrainBatch, IGNORE_INDEX};
 use overfill_model::transformer::Transformer;
 use tch::{Device, Kind, Tensor};
 
@@ -90,27 +90,64 @@ fn zero_grads(model: &Transformer) {
     }
 }
 
-/// loss_sum + backward on a freshly zeroed decoder; checks loss and every gradient.
+/// How a test computes the loss and the gradients.
+#[derive(Debug, Clone, Copy)]
+enum Backward {
+    /// `loss_sum`, then `backward()` on it.
+    OfLossSum,
+    /// The trainer's `backward_loss_sum` (blocked loss, each block's backward at once), with or
+    /// without activation recomputation.
+    Training { activation_checkpointing: bool },
+}
+
+const BACKWARDS: [Backward; 3] = [
+    Backward::OfLossSum,
+    Backward::Training { activation_checkpointing: false },
+    Backward::Training { activation_checkpointing: true },
+];
+
+/// The loss sum on a freshly zeroed decoder, its gradients in the decoder's `.grad`s.
+fn loss_and_backward(
+    how: Backward,
+    decoder: &Transformer,
+    full: Option<&Transformer>,
+    batch: &TrainBatch,
+) -> anyhow::Result<Tensor> {
+    zero_grads(decoder);
+    match how {
+        Backward::OfLossSum => {
+            let loss = loss_sum(decoder, full, batch)?;
+            loss.backward();
+            Ok(loss.detach())
+        }
+        Backward::Training { activation_checkpointing } => {
+            backward_loss_sum(decoder, full, batch, 1.0, activation_checkpointing)
+        }
+    }
+}
+
+/// The loss and its gradients (computed as `how` says) on a freshly zeroed decoder against
+/// transformers'.
+#[allow(clippy::too_many_arguments)]
 fn check_mode(
     case: &str,
     name: &str,
     mode: &str,
+    how: Backward,
     decoder: &Transformer,
     full: Option<&Transformer>,
     batch: &TrainBatch,
     refs: &HashMap<String, Tensor>,
 ) {
-    zero_grads(decoder);
-    let loss = loss_sum(decoder, full, batch).unwrap_or_else(|e| panic!("{case}: {e:#}"));
+    let loss = loss_and_backward(how, decoder, full, batch).unwrap_or_else(|e| panic!("{case}: {e:#}"));
     assert_eq!(loss.kind(), Kind::Float);
     assert_eq!(loss.dim(), 0, "the loss sum is a scalar");
     let expected = refs[&format!("{name}.{mode}.loss_sum")].double_value(&[0]);
     let got = loss.double_value(&[]);
     assert!(
         (got - expected).abs() <= TOL * expected.abs().max(1.0),
-        "{case} {name} {mode}: loss sum {got} vs transformers {expected}"
+        "{case} {name} {mode} {how:?}: loss sum {got} vs transformers {expected}"
     );
-    loss.backward();
     let prefix = format!("{name}.{mode}.grad.");
     let reference: BTreeMap<&str, &Tensor> = refs
         .iter()
@@ -140,7 +177,7 @@ fn check_mode(
         );
     }
     eprintln!(
-        "{case} {name} {mode}: loss sum {got:.6} (transformers {expected:.6}), worst gradient diff / scale {worst:.2e}"
+        "{case} {name} {mode} {how:?}: loss sum {got:.6} (transformers {expected:.6}), worst gradient diff / scale {worst:.2e}"
     );
     // The loss really depends on the decoder: some gradient is far from zero.
     assert!(
@@ -197,8 +234,39 @@ fn check_case(case: &str) {
             }
         }
 
-        check_mode(case, name, "overfill", &decoder, Some(&full), &batch, &refs);
-        check_mode(case, name, "single", &decoder, None, &batch, &refs);
+        for how in BACKWARDS {
+            check_mode(case, name, "overfill", how, &decoder, Some(&full), &batch, &refs);
+            check_mode(case, name, "single", how, &decoder, None, &batch, &refs);
+        }
+    }
+}
+
+/// The gradients of every parameter after `loss_and_backward`.
+fn gradients(decoder: &Transformer) -> Vec<(String, Tensor)> {
+    decoder.parameters().into_iter().map(|(n, p)| (n, p.grad().copy())).collect()
+}
+
+/// Activation recomputation gives the gradients of the plain backward (f32, within 1e-6 of the
+/// largest gradient), in OverFill and single-model mode, tied and untied.
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    for case in CASES {
+        let full = load(case, "full");
+        let decoder = load(case, "decoder");
+        decoder.set_requires_grad(true);
+        let batch = batch(&rows(&refs(case), "ragged"));
+        for full in [Some(&full), None] {
+            let plain = loss_and_backward(BACKWARDS[1], &decoder, full, &batch).unwrap();
+            let plain_grads = gradients(&decoder);
+            let recomputed = loss_and_backward(BACKWARDS[2], &decoder, full, &batch).unwrap();
+            let diff = (plain.double_value(&[]) - recomputed.double_value(&[])).abs();
+            assert!(diff <= 1e-6 * plain.double_value(&[]).abs(), "{case}: loss {plain:?} vs {recomputed:?}");
+            for ((name, want), (_, got)) in plain_grads.iter().zip(gradients(&decoder)) {
+                let scale = want.abs().max().double_value(&[]).max(1e-3);
+                let diff = max_abs_diff(&got, want);
+                assert!(diff <= 1e-6 * scale, "{case} {}: gradient of {name} differs by {diff} (scale {scale})", full.is_some());
+            }
+        }
     }
 }
 

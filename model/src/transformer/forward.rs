@@ -198,7 +198,7 @@ impl Transformer {
 
     /// After checking the inputs: the embeddings of the computed slots, [R, D] (or [B, T, D]
     /// when all are computed), and what all layers of the pass share.
-    fn embed_span(
+    pub(super) fn embed_span(
         &self,
         ids: &Tensor,
         positions: &Tensor,

@@ -9,8 +9,8 @@
 //! points take.
 //!
 //! Files: `linear` (Linear, RmsNorm), `rope`, `attention`, `mlp`, `block` (one layer), `span`
-//! (what a pass's layers share), `forward` (the entry points and the layer stack), this file (the
-//! model's parameters).
+//! (what a pass's layers share), `forward` (the entry points and the layer stack), `recompute`
+//! (training with activation recomputation), this file (the model's parameters).
 //!
 //! Shapes: B batch, T new tokens, P past slots, S = P + T slots, D hidden, H query heads,
 //! KV key/value heads, hd head_dim, I intermediate, V vocab.
@@ -28,6 +28,7 @@ mod block;
 mod forward;
 mod linear;
 mod mlp;
+mod recompute;
 mod rope;
 mod span;
 
@@ -35,6 +36,7 @@ use attention::Attention;
 use block::Block;
 use linear::{Linear, RmsNorm};
 use mlp::Mlp;
+pub(crate) use recompute::backward_with_gradient;
 pub(crate) use span::SpanTokens;
 
 /// Where `forward_with_taps` reports activations.
