@@ -66,6 +66,14 @@ pub struct Args {
     /// Intra-op threads for libtorch (0 = libtorch's default) [train.threads].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// 0 = replicated optimizer, 1 = ZeRO-1 (sharded optimizer state), 2 = ZeRO-2 (also sharded
+    /// gradient accumulators) [train.zero_stage].
+    #[arg(long)]
+    pub zero_stage: Option<u8>,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them
+    /// [train.activation_checkpointing = true].
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Print the per-GPU memory budget of the recipe's shapes (replicated and ZeRO-1 optimizer
     /// state) for --gpus × --gpu-memory and whether it fits; nothing is loaded or trained.
     #[arg(long)]
@@ -132,4 +140,8 @@ fn apply_flags(args: &Args, recipe: &mut Recipe) {
     recipe.flag(&["train.device"], args.device.clone(), |r, v| r.train.device = v);
     recipe.flag(&["train.dtype"], args.dtype.clone(), |r, v| r.train.dtype = v);
     recipe.flag(&["train.threads"], args.threads, |r, v| r.train.threads = v);
+    recipe.flag(&["train.zero_stage"], args.zero_stage, |r, v| r.train.zero_stage = v);
+    recipe.flag(&["train.activation_checkpointing"], args.activation_checkpointing.then_some(true), |r, v| {
+        r.train.activation_checkpointing = v
+    });
 }

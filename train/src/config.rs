@@ -81,9 +81,14 @@ pub struct TrainSection {
     /// Intra-op threads for libtorch (0 = libtorch's default).
     pub threads: usize,
     /// Data parallelism: 0 = every rank keeps the whole optimizer state; 1 = ZeRO stage 1 (fp32
-    /// master weights and AdamW moments sharded over the ranks; same results). Resume needs the
-    /// same world size.
+    /// master weights and AdamW moments sharded over the ranks; same results); 2 = ZeRO stage 2
+    /// (also the fp32 gradient accumulators, reduce-scattered after every micro-batch). Resume
+    /// needs the same world size (1 and 2 write the same optimizer files).
     pub zero_stage: u8,
+    /// Each decoder layer keeps only its input in the forward and recomputes its activations in
+    /// the backward: the same gradients for less activation memory and about one more forward
+    /// of the decoder per step.
+    pub activation_checkpointing: bool,
     /// Seconds a collective waits for the other ranks before this rank fails, naming them.
     pub collective_timeout_secs: u64,
 }
@@ -122,6 +127,7 @@ impl Default for TrainSection {
             prefetch_batches: 4,
             threads: 0,
             zero_stage: 0,
+            activation_checkpointing: false,
             collective_timeout_secs: 600,
         }
     }

@@ -103,6 +103,9 @@ fn check_numbers(t: &TrainSection) -> Result<()> {
     if t.max_steps == Some(0) {
         bail!("--max-steps must be at least 1");
     }
+    if t.zero_stage > 2 {
+        bail!("zero_stage must be 0 (replicated optimizer), 1 (sharded optimizer state) or 2 (sharded optimizer state and gradients), got {}", t.zero_stage);
+    }
     if t.max_bad_steps == 0 {
         bail!("max_bad_steps must be at least 1");
     }
@@ -132,6 +135,9 @@ pub fn trajectory_key(t: &TrainSection) -> TrainSection {
         max_bad_steps: 1,
         prefetch_batches: 1,
         threads: 0,
+        // Memory levers that leave the gradients as they are.
+        activation_checkpointing: false,
+        zero_stage: t.zero_stage.min(1),
         ..t.clone()
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use overfill_data::reader::ShardDataset;
-use overfill_model::train::loss_sum;
+use overfill_model::train::backward_loss_sum;
 use overfill_model::transformer::Transformer;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -291,10 +291,11 @@ impl<'a> Trainer<'a> {
         if total_tokens > 0 {
             for micro in batches.micro.into_iter().flatten() {
                 let batch = micro.to_device(self.device);
-                let sum = loss_sum(&self.decoder, self.full.as_ref(), &batch).with_context(|| format!("step {step}"))?;
-                (&sum / total_tokens as f64).backward();
-                local_loss += sum.detach().to_kind(Kind::Double);
-                self.optimizer.accumulate_micro_batch();
+                let scale = 1.0 / total_tokens as f64;
+                let sum = backward_loss_sum(&self.decoder, self.full.as_ref(), &batch, scale, t.activation_checkpointing)
+                    .with_context(|| format!("step {step}"))?;
+                local_loss += sum.to_kind(Kind::Double);
+                self.optimizer.accumulate_micro_batch(self.reducer)?;
             }
         }
         self.optimizer.reduce_gradients(self.reducer)?;

@@ -69,7 +69,7 @@ pub fn join_for_training(device_setting: &str, device: Device, timeout: Duration
 }
 
 /// The optimizer of a data-parallel step: every rank holds all the state (plain data parallelism,
-/// gradients all-reduced), or its slice of it (ZeRO-1, gradients reduce-scattered).
+/// gradients all-reduced), or its slice of it (ZeRO-1 and 2, gradients reduce-scattered).
 pub enum StepOptimizer {
     Replicated(AdamW),
     Sharded(ShardedAdamW),
@@ -79,8 +79,10 @@ impl StepOptimizer {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig, zero_stage: u8, reducer: &dyn GradientReducer) -> Result<Self> {
         Ok(match zero_stage {
             0 => StepOptimizer::Replicated(AdamW::new(params, config)?),
-            1 => StepOptimizer::Sharded(ShardedAdamW::new(params, config, reducer.rank(), reducer.world_size())?),
-            other => anyhow::bail!("[train] zero_stage = {other}: only 0 (replicated optimizer) and 1 (sharded optimizer state) exist"),
+            1 | 2 => StepOptimizer::Sharded(ShardedAdamW::new(params, config, zero_stage, reducer.rank(), reducer.world_size())?),
+            other => anyhow::bail!(
+                "[train] zero_stage = {other}: only 0 (replicated optimizer), 1 (sharded optimizer state) and 2 (sharded optimizer state and gradients) exist"
+            ),
         })
     }
 
@@ -98,10 +100,14 @@ impl StepOptimizer {
         }
     }
 
-    pub fn accumulate_micro_batch(&mut self) {
+    /// After each micro-batch's backward (ZeRO-2 reduce-scatters its gradients here).
+    pub fn accumulate_micro_batch(&mut self, reducer: &dyn GradientReducer) -> Result<()> {
         match self {
-            StepOptimizer::Replicated(o) => o.accumulate_micro_batch(),
-            StepOptimizer::Sharded(o) => o.accumulate_micro_batch(),
+            StepOptimizer::Replicated(o) => {
+                o.accumulate_micro_batch();
+                Ok(())
+            }
+            StepOptimizer::Sharded(o) => o.accumulate_micro_batch(reducer),
         }
     }
 
@@ -149,7 +155,7 @@ impl StepOptimizer {
                 let path = checkpoint.join(shard_file_name(reducer.rank(), reducer.world_size()));
                 if !path.exists() {
                     anyhow::bail!(
-                        "{} has no {}: it was not written by a ZeRO-1 run of world size {} (resume needs the same world size and zero_stage)",
+                        "{} has no {}: it was not written by a ZeRO run of world size {} (resume needs the same world size and a zero_stage of 1 or 2)",
                         checkpoint.display(),
                         path.file_name().unwrap_or_default().to_string_lossy(),
                         reducer.world_size()

@@ -1,21 +1,33 @@
-//! ZeRO stage 1 (`[train] zero_stage = 1`): optimizer-state sharding over the data-parallel ranks.
+//! ZeRO stages 1 and 2 (`[train] zero_stage = 1 | 2`): optimizer-state (and gradient) sharding over
+//! the data-parallel ranks.
 //!
 //! All parameters are laid out end to end in one flat fp32 vector, padded to a multiple of the world
 //! size; rank r owns the r-th equal slice. Each rank keeps the fp32 master weights and the AdamW
-//! moments of its slice only (12 bytes per parameter / world size instead of 12). A step:
-//! gradients accumulate into a flat fp32 buffer (as the replicated optimizer's fp32 accumulators),
-//! a reduce-scatter sums them over ranks into this rank's slice, the global norm is the all-reduced
-//! sum of squares of the slices, the slice takes the same element-wise AdamW update as
-//! `train::optimizer::AdamW` (so results equal plain data parallelism), and an all-gather of the
-//! updated slices writes every parameter back into the model.
+//! moments of its slice only (12 bytes per parameter / world size instead of 12).
 //!
-//! Each rank saves its own slice (`optimizer-rank-R-of-W.safetensors`); resuming needs the same
-//! world size.
+//! Gradients. Stage 1: they accumulate over the micro-batches into a flat fp32 buffer of all
+//! parameters (as the replicated optimizer's fp32 accumulators), and one reduce-scatter at the end
+//! of the step sums them over ranks into this rank's slice. Stage 2: after every micro-batch's
+//! backward, the gradients are reduce-scattered bucket by bucket and added into this rank's fp32
+//! slice, so no rank holds an fp32 accumulator of all parameters (4 bytes per parameter less, for
+//! one reduce-scatter per micro-batch instead of one per step).
+//!
+//! A step: the global norm is the all-reduced sum of squares of the slices, the slice takes the same
+//! element-wise AdamW update as `train::optimizer::AdamW` (so results equal plain data parallelism),
+//! and the updated slices are all-gathered bucket by bucket straight into the model's parameters
+//! (no fp32 copy of all parameters).
+//!
+//! Each rank saves its own slice (`optimizer-rank-R-of-W.safetensors`, the same for both stages);
+//! resuming needs the same world size.
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::optimizer::{adam_update, AdamWConfig};
 use crate::reducer::GradientReducer;
+
+/// Elements of one bucket of a stage-2 reduce-scatter or of the gather (all ranks' pieces
+/// together): 128 MiB of fp32, whatever the model's size.
+const BUCKET_ELEMENTS: i64 = 1 << 25;
 
 /// One parameter's place in the flat vector.
 struct Slot {
@@ -33,9 +45,10 @@ pub struct ShardedAdamW {
     total: i64,
     /// Elements per rank.
     shard: i64,
-    /// All gradients, fp32, `shard × world_size` (accumulated over micro-batches).
-    grad_acc: Tensor,
-    /// This rank's slice of the summed gradients.
+    /// Stage 1: all gradients, fp32, `shard × world_size` (accumulated over micro-batches);
+    /// `None` in stage 2.
+    grad_acc: Option<Tensor>,
+    /// This rank's slice of the summed gradients (stage 2: accumulated over micro-batches).
     grad_shard: Tensor,
     master: Tensor,
     exp_avg: Tensor,
@@ -47,7 +60,10 @@ pub struct ShardedAdamW {
 }
 
 impl ShardedAdamW {
-    pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig, rank: usize, world_size: usize) -> Result<Self> {
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig, stage: u8, rank: usize, world_size: usize) -> Result<Self> {
+        if !(1..=2).contains(&stage) {
+            bail!("ZeRO stage {stage}: the sharded optimizer has stages 1 and 2");
+        }
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(Device::Cpu);
         let mut slots = Vec::with_capacity(params.len());
         let mut offset = 0;
@@ -89,7 +105,7 @@ impl ShardedAdamW {
             world_size: world as usize,
             total,
             shard,
-            grad_acc: zeros(padded),
+            grad_acc: (stage == 1).then(|| zeros(padded)),
             grad_shard: zeros(shard),
             exp_avg: zeros(shard),
             exp_avg_sq: zeros(shard),
@@ -103,25 +119,73 @@ impl ShardedAdamW {
         for slot in &mut self.slots {
             slot.param.zero_grad();
         }
-        let _ = self.grad_acc.zero_();
-    }
-
-    /// After each micro-batch's backward: adds every gradient into the flat fp32 buffer.
-    pub fn accumulate_micro_batch(&mut self) {
-        tch::no_grad(|| {
-            for slot in &mut self.slots {
-                let grad = slot.param.grad();
-                if grad.defined() {
-                    let _ = self.grad_acc.narrow(0, slot.offset, slot.numel).g_add_(&grad.reshape([-1]).to_kind(Kind::Float));
-                    slot.param.zero_grad();
-                }
+        match &mut self.grad_acc {
+            Some(acc) => {
+                let _ = acc.zero_();
             }
-        })
+            None => {
+                let _ = self.grad_shard.zero_();
+            }
+        }
     }
 
-    /// Sums the gradients over ranks into this rank's slice (reduce-scatter).
+    /// After each micro-batch's backward: stage 1 adds every gradient into the flat fp32 buffer;
+    /// stage 2 reduce-scatters them into this rank's slice. Either way the parameters' `.grad`s
+    /// are cleared for the next micro-batch.
+    pub fn accumulate_micro_batch(&mut self, reducer: &dyn GradientReducer) -> Result<()> {
+        match &self.grad_acc {
+            Some(acc) => tch::no_grad(|| {
+                for slot in &self.slots {
+                    let grad = slot.param.grad();
+                    if grad.defined() {
+                        let _ = acc.narrow(0, slot.offset, slot.numel).g_add_(&grad.reshape([-1]).to_kind(Kind::Float));
+                    }
+                }
+            }),
+            None => self.reduce_scatter_gradients(reducer)?,
+        }
+        for slot in &mut self.slots {
+            slot.param.zero_grad();
+        }
+        Ok(())
+    }
+
+    /// Stage 2: this micro-batch's gradients summed over ranks into this rank's slice, one bucket
+    /// at a time. A bucket holds the same stretch [start, start + len) of every rank's slice, in
+    /// rank order, which is what a reduce-scatter hands back piece by piece.
+    fn reduce_scatter_gradients(&self, reducer: &dyn GradientReducer) -> Result<()> {
+        let world = self.world_size as i64;
+        let device = self.grad_shard.device();
+        for (start, len) in self.buckets() {
+            let input = Tensor::zeros([world * len], (Kind::Float, device));
+            tch::no_grad(|| {
+                for r in 0..world {
+                    let lo = r * self.shard + start;
+                    for piece in self.pieces(lo, lo + len) {
+                        let grad = self.slots[piece.slot].param.grad();
+                        if grad.defined() {
+                            let values = grad.reshape([-1]).narrow(0, piece.in_param, piece.len);
+                            input.narrow(0, r * len + piece.in_range, piece.len).copy_(&values);
+                        }
+                    }
+                }
+            });
+            let summed = Tensor::zeros([len], (Kind::Float, device));
+            reducer.reduce_scatter_sum(&summed, &input)?;
+            tch::no_grad(|| {
+                let _ = self.grad_shard.narrow(0, start, len).g_add_(&summed);
+            });
+        }
+        Ok(())
+    }
+
+    /// Sums the gradients over ranks into this rank's slice: stage 1's reduce-scatter of the
+    /// accumulated buffer (stage 2 did it micro-batch by micro-batch).
     pub fn reduce_gradients(&mut self, reducer: &dyn GradientReducer) -> Result<()> {
-        reducer.reduce_scatter_sum(&self.grad_shard, &self.grad_acc)
+        match &self.grad_acc {
+            Some(acc) => reducer.reduce_scatter_sum(&self.grad_shard, acc),
+            None => Ok(()),
+        }
     }
 
     /// Global L2 norm of the summed gradients (NaN/inf when any gradient is).
@@ -150,17 +214,48 @@ impl ShardedAdamW {
         self.gather_parameters(reducer)
     }
 
-    /// Every rank's slice of the masters gathered and copied into the model's parameters.
+    /// Every rank's slice of the masters gathered into the model's parameters, one bucket at a
+    /// time (see `reduce_scatter_gradients` for a bucket's layout).
     fn gather_parameters(&mut self, reducer: &dyn GradientReducer) -> Result<()> {
-        let full = Tensor::zeros([self.shard * self.world_size as i64], (Kind::Float, self.master.device()));
-        reducer.all_gather(&full, &self.master)?;
-        tch::no_grad(|| {
-            for slot in &mut self.slots {
-                let values = full.narrow(0, slot.offset, slot.numel).view(slot.param.size().as_slice());
-                slot.param.copy_(&values.to_kind(slot.param.kind()));
-            }
-        });
+        let world = self.world_size as i64;
+        for (start, len) in self.buckets() {
+            let gathered = Tensor::zeros([world * len], (Kind::Float, self.master.device()));
+            reducer.all_gather(&gathered, &self.master.narrow(0, start, len))?;
+            tch::no_grad(|| -> Result<()> {
+                for r in 0..world {
+                    let lo = r * self.shard + start;
+                    for piece in self.pieces(lo, lo + len) {
+                        let param = &self.slots[piece.slot].param;
+                        let values = gathered.narrow(0, r * len + piece.in_range, piece.len);
+                        param
+                            .f_view([-1])
+                            .context("a parameter is not contiguous")?
+                            .narrow(0, piece.in_param, piece.len)
+                            .copy_(&values.to_kind(param.kind()));
+                    }
+                }
+                Ok(())
+            })?;
+        }
         Ok(())
+    }
+
+    /// The buckets of a rank's slice: (start, len) stretches covering [0, shard).
+    fn buckets(&self) -> Vec<(i64, i64)> {
+        let chunk = (BUCKET_ELEMENTS / self.world_size as i64).max(1);
+        (0..self.shard).step_by(chunk as usize).map(|start| (start, chunk.min(self.shard - start))).collect()
+    }
+
+    /// The parts of parameters inside the flat range [lo, hi) (padding has none).
+    fn pieces(&self, lo: i64, hi: i64) -> Vec<Piece> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let (from, to) = (s.offset.max(lo), (s.offset + s.numel).min(hi));
+                (from < to).then_some(Piece { slot, in_param: from - s.offset, in_range: from - lo, len: to - from })
+            })
+            .collect()
     }
 
     /// This rank's slice: masters, moments and the layout it belongs to (rank, world size, total).
@@ -206,6 +301,15 @@ impl ShardedAdamW {
         self.steps = steps;
         self.gather_parameters(reducer)
     }
+}
+
+/// The part of one parameter inside a flat range.
+struct Piece {
+    slot: usize,
+    /// Offset in the flattened parameter and in the range; elements.
+    in_param: i64,
+    in_range: i64,
+    len: i64,
 }
 
 /// File name of one rank's optimizer slice inside a checkpoint folder.
