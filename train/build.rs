@@ -1,6 +1,6 @@
 //! Build script of the train crate: libtorch's rpath and CUDA link fix for its test executables
 //! (shared with the other crates that link libtorch, `../build-support/rpath.rs`), plus the C++
-//! shim over c10d (`src/dist/shim.cpp`), whose static library and libtorch link flags reach every
+//! shim over c10d (`src/dist/shim.cpp`) and the allocator statistics (`src/allocator_stats.cpp`: a counting CPU allocator, CUDA peaks), whose static library and libtorch link flags reach every
 //! binary linking this crate (the rpath does not: each such crate runs `rpath.rs` itself).
 //!
 //! The shim always gets Gloo (CPU data parallelism). Its headers are not in the torch wheel; they
@@ -19,6 +19,7 @@ const GLOO_HEADER: &str = "/usr/include/gloo/config.h";
 fn main() {
     rpath::main();
     println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    println!("cargo:rerun-if-changed=src/allocator_stats.cpp");
     println!("cargo:rerun-if-changed={GLOO_HEADER}");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run `just setup` (the c10d shim needs libtorch's headers)");
@@ -35,6 +36,7 @@ fn main() {
     build
         .cpp(true)
         .file("src/dist/shim.cpp")
+        .file("src/allocator_stats.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++20")

@@ -2,9 +2,14 @@
 //! trainer's own step (frozen full-model prefill, decoder forward and backward over the target,
 //! global grad-norm clipping, the trainer's AdamW) without data loading or checkpoints.
 //!
-//! Used twice: `just bench-train` compares it on CPU with a transformers loop on the same rows
-//! (`tests/python/bench_train.py`), and `scripts/gpu-check.sh` times the real 3B→1B shapes on CUDA
-//! and prints the model FLOPs utilisation (MFU) against a given peak.
+//! Used three times: `just bench-train` compares it on CPU with a transformers loop on the same rows
+//! (`tests/python/bench_train.py`), `scripts/gpu-check.sh` times the real 3B→1B shapes on CUDA
+//! and prints the model FLOPs utilisation (MFU) against a given peak, and the memory planner's
+//! test (`pipeline/tests/memory_plan_cli.rs`) compares the planner's peak (`train::memory_plan`)
+//! with the peak this process really reached.
+//!
+//! `--activation-checkpointing` measures the step with recomputation first, then without, in one
+//! process (the peak resident set is reset in between: Linux `clear_refs`), side by side.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,12 +17,17 @@ use anyhow::{bail, Context, Result};
 use overfill_model::checkpoint::{parse_device, parse_dtype};
 use overfill_model::config::ModelConfig;
 use overfill_model::prune::prune_config;
-use overfill_model::train::{loss_sum, TrainBatch};
+use overfill_model::train::{backward_loss_sum, logits_block_bytes, TrainBatch};
 use overfill_model::transformer::{random_tensors, Transformer};
 use serde::Deserialize;
 use serde_json::json;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
+use overfill_train::memory::{
+    count_cpu_tensors, cpu_tensor_bytes, cuda_tensor_bytes, process_memory, reset_cpu_tensor_peak, reset_cuda_tensor_peak,
+    reset_peak_rss,
+};
+use overfill_train::memory_plan::{plan, MemoryPlan, StepShape};
 use overfill_train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
 use overfill_train::trainer::keep_freed_memory;
 use overfill_train::TrainMode;
@@ -65,9 +75,24 @@ pub struct Args {
     /// H100/H200 in bf16).
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Measure with activation recomputation and without, side by side (step time, peak memory).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// One JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What one configuration measured.
+struct Measurement {
+    activation_checkpointing: bool,
+    step_seconds: f64,
+    /// Peak resident set above the process's resident set before any model was made.
+    measured_peak_bytes: Option<f64>,
+    /// Peak bytes of live tensors: CPU, the counting allocator; CUDA, the caching allocator's
+    /// `max_memory_allocated` (`None` in a build without CUDA).
+    tensor_peak_bytes: Option<f64>,
+    plan: MemoryPlan,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +124,13 @@ pub fn run(args: Args) -> Result<()> {
         args.intermediate_size.unwrap_or(full_config.intermediate_size),
     )?;
     let rows = load_rows(&args, full_config.vocab_size)?;
+    // What libtorch's start-up holds (threads, kernels) is not the step's: measured from here.
+    let _ = Tensor::ones([64, 64], (Kind::Float, device)).matmul(&Tensor::ones([64, 64], (Kind::Float, device)));
+    let baseline_rss = process_memory().rss_bytes;
+    // Exact bytes of the tensors the run allocates from here (CPU; libtorch counts CUDA itself).
+    if device == Device::Cpu {
+        count_cpu_tensors();
+    }
 
     // The full model is frozen in the compute dtype; the decoder trains in it with fp32 masters.
     let full = match args.mode {
@@ -120,21 +152,70 @@ pub fn run(args: Args) -> Result<()> {
     let row_refs: Vec<(&[u32], &[u32])> =
         rows.iter().map(|r| (r.context_ids.as_slice(), r.target_ids.as_slice())).collect();
     let batch = TrainBatch::from_rows(&row_refs, device)?;
-    let predicted = batch.predicted_tokens;
-    if predicted == 0 {
+    if batch.predicted_tokens == 0 {
         bail!("the rows predict no token: every target needs at least 2 tokens");
     }
 
+    // With recomputation first: its peak is the lower, so the plain step's peak after it is its own
+    // even where the peak cannot be reset.
+    let modes: &[bool] = if args.activation_checkpointing { &[true, false] } else { &[false] };
+    let mut measurements = Vec::new();
+    for &activation_checkpointing in modes {
+        reset_peak_rss();
+        reset_cpu_tensor_peak();
+        if let Device::Cuda(i) = device {
+            reset_cuda_tensor_peak(i);
+        }
+        let step_seconds = time_steps(&args, &decoder, full.as_ref(), &mut optimizer, &batch, activation_checkpointing)?;
+        let peak = process_memory().peak_rss_bytes;
+        let tensor_peak = match device {
+            Device::Cuda(i) => cuda_tensor_bytes(i).map(|b| b.peak as f64),
+            _ => Some(cpu_tensor_bytes().peak as f64),
+        };
+        let shape = StepShape {
+            full: full.as_ref().map(|f| &f.config),
+            decoder: &decoder_config,
+            mode: args.mode,
+            half: dtype != Kind::Float,
+            rows: rows.len(),
+            context_tokens: rows.iter().map(|r| r.context_ids.len()).max().unwrap_or(0),
+            target_tokens: rows.iter().map(|r| r.target_ids.len()).max().unwrap_or(0),
+            world_size: 1,
+            zero_stage: 0,
+            activation_checkpointing,
+            logits_block_bytes: logits_block_bytes(device) as f64,
+        };
+        measurements.push(Measurement {
+            activation_checkpointing,
+            step_seconds,
+            measured_peak_bytes: peak.zip(baseline_rss).map(|(p, b)| p.saturating_sub(b) as f64),
+            tensor_peak_bytes: tensor_peak,
+            plan: plan(&shape),
+        });
+    }
+    report(&args, &full_config, &decoder_config, &rows, batch.predicted_tokens, &measurements);
+    Ok(())
+}
+
+/// Runs `--warmup` + `--steps` optimizer steps; the median step time of the timed ones.
+fn time_steps(
+    args: &Args,
+    decoder: &Transformer,
+    full: Option<&Transformer>,
+    optimizer: &mut AdamW,
+    batch: &TrainBatch,
+    activation_checkpointing: bool,
+) -> Result<f64> {
+    let scale = 1.0 / batch.predicted_tokens as f64;
     let mut times = Vec::with_capacity(args.steps);
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         optimizer.zero_grad();
-        let loss = loss_sum(&decoder, full.as_ref(), &batch)? / predicted as f64;
-        loss.f_backward().context("backward")?;
+        let loss = backward_loss_sum(decoder, full, batch, scale, activation_checkpointing).context("forward and backward")?;
         optimizer.accumulate_micro_batch();
         let grad_norm = optimizer.grad_norm();
         optimizer.step(1e-5, clip_coefficient(grad_norm, 1.0));
-        let loss = loss.double_value(&[]); // waits for the device
+        let loss = loss.double_value(&[]) * scale; // waits for the device
         if !loss.is_finite() {
             bail!("step {i}: the loss is {loss}");
         }
@@ -143,14 +224,37 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     times.sort_by(f64::total_cmp);
-    let step_seconds = times[times.len() / 2];
+    Ok(times[times.len() / 2])
+}
 
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// One JSON line (`--json`) or a line per configuration.
+fn report(args: &Args, full_config: &ModelConfig, decoder_config: &ModelConfig, rows: &[Row], predicted: i64, measurements: &[Measurement]) {
     let context_tokens: usize = rows.iter().map(|r| r.context_ids.len()).sum();
-    let flops = step_flops(&full_config, &decoder_config, &rows, args.mode);
-    let achieved_tflops = flops / step_seconds / 1e12;
-    let mfu = args.peak_tflops.map(|peak| achieved_tflops / peak);
-    let peak_rss_mib = overfill_train::memory::process_memory().peak_rss_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
-    let report = json!({
+    let flops = step_flops(full_config, decoder_config, rows, args.mode);
+    let configs: Vec<_> = measurements
+        .iter()
+        .map(|m| {
+            let achieved_tflops = flops / m.step_seconds / 1e12;
+            json!({
+                "activation_checkpointing": m.activation_checkpointing,
+                "step_seconds": m.step_seconds,
+                "tokens_per_sec": predicted as f64 / m.step_seconds,
+                "achieved_tflops": achieved_tflops,
+                "mfu": args.peak_tflops.map(|peak| achieved_tflops / peak),
+                "measured_peak_mib": m.measured_peak_bytes.map(|b| b / MIB),
+                "measured_tensor_peak_mib": m.tensor_peak_bytes.map(|b| b / MIB),
+                "planned_peak_mib": m.plan.peak_bytes() / MIB,
+                "planned_states_mib": m.plan.states_bytes() / MIB,
+                "planned_activations_mib": m.plan.activation_bytes() / MIB,
+                "planned_step_mib": m.plan.step_bytes() / MIB,
+            })
+        })
+        .collect();
+    // The last configuration (the plain step) at the top level, as before this flag existed.
+    let mut report = configs.last().cloned().unwrap_or_default();
+    let extra = json!({
         "impl": "overfill",
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "device": args.device,
@@ -158,27 +262,31 @@ pub fn run(args: Args) -> Result<()> {
         "rows": rows.len(),
         "context_tokens": context_tokens,
         "predicted_tokens": predicted,
-        "step_seconds": step_seconds,
-        "tokens_per_sec": predicted as f64 / step_seconds,
         "model_tflops_per_step": flops / 1e12,
-        "achieved_tflops": achieved_tflops,
-        "mfu": mfu,
-        "peak_rss_mib": peak_rss_mib,
+        "peak_rss_mib": process_memory().peak_rss_bytes.map(|b| b as f64 / MIB),
         "full_params": full_config.param_count(),
         "decoder_params": decoder_config.param_count(),
+        "configurations": configs,
     });
+    if let (Some(report), Some(extra)) = (report.as_object_mut(), extra.as_object()) {
+        report.extend(extra.clone());
+    }
     if args.json {
         println!("{report}");
-    } else {
+        return;
+    }
+    for m in measurements {
         println!(
-            "step {:.1} ms, {:.0} target tokens/s, {:.2} TFLOP/s{}",
-            step_seconds * 1e3,
-            predicted as f64 / step_seconds,
-            achieved_tflops,
-            mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m)).unwrap_or_default()
+            "activation checkpointing {}: step {:.1} ms, {:.0} target tokens/s, {:.2} TFLOP/s; peak memory: tensors {}, resident {} (planned {:.0} MiB)",
+            if m.activation_checkpointing { "on " } else { "off" },
+            m.step_seconds * 1e3,
+            predicted as f64 / m.step_seconds,
+            flops / m.step_seconds / 1e12,
+            m.tensor_peak_bytes.map_or("not counted".to_string(), |b| format!("{:.0} MiB", b / MIB)),
+            m.measured_peak_bytes.map_or("unknown".to_string(), |b| format!("{:.0} MiB above start-up", b / MIB)),
+            m.plan.peak_bytes() / MIB,
         );
     }
-    Ok(())
 }
 
 fn load_rows(args: &Args, vocab_size: usize) -> Result<Vec<Row>> {

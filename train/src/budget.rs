@@ -1,34 +1,32 @@
-//! `overfill train --dry-run --gpus N --gpu-memory GiB`: the per-GPU memory budget of the recipe's
-//! real shapes, with the optimizer state replicated (plain data parallelism) and sharded (ZeRO-1),
-//! and whether each fits. Nothing is loaded but the two config.json files.
+//! `overfill train --dry-run --gpus N --gpu-memory GiB`: the per-GPU memory plan of the recipe's
+//! real shapes (`memory_plan`: what the trainer allocates, item by item) for every combination of
+//! `zero_stage` (0, 1, 2) and `activation_checkpointing`, which of them fit, and, when the
+//! recipe's own settings do not, the cheapest that does or the per-device batch that would.
+//! Nothing is loaded but the two config.json files.
 //!
-//! Bytes per parameter follow `train::optimizer` (bf16: compute weights 2, their gradients 2, fp32
-//! gradient accumulators 4, fp32 masters 4, AdamW moments 8; f32: weights 4 = masters, gradients
-//! 4, moments 8) and `dist::zero` (masters and moments divided by the world size; the step
-//! all-gathers the updated masters into one fp32 vector of all parameters).
-//!
-//! Activations are an upper bound without activation checkpointing, at the recipe's per-device
-//! batch and `max_seq_length` for every row: the frozen full model's K/V of all its layers (read by
-//! the decoder), one layer of its no-grad prefill, the decoder's saved tensors per layer (Llama:
-//! in bf16 about 10·hidden + 3·kv_dim + 4·intermediate values per token, plus two fp32 RMSNorm
-//! inputs), and the logits with their fp32 log-softmax and its gradient.
+//! Rows are planned at `max_seq_length` tokens each, at the split of context and target that
+//! needs most memory (the upper bound of any batch the loader can form).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use overfill_model::config::ModelConfig;
 use overfill_model::prune::{dry_run as prune_dry_run, Width};
 
+use overfill_model::checkpoint::parse_device;
+use overfill_model::train::logits_block_bytes;
+use tch::Device;
+
 use crate::config::{TrainMode, TrainSection};
+use crate::memory_plan::{plan, MemoryPlan, StepShape};
 use crate::settings::Settings;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// One line of the budget.
-struct Item {
-    what: &'static str,
-    replicated: f64,
-    sharded: f64,
-}
+/// Share of each GPU's memory kept free for what the plan does not count there: the CUDA context
+/// and the libraries' workspaces (cuBLAS, cuDNN; about 1 GiB), NCCL's buffers, and the caching
+/// allocator's fragmentation (PyTorch reports 5-10% in long runs). A margin, not a measurement: no
+/// GPU has run `scripts/gpu-check.sh`'s allocator peak yet (README).
+const UNPLANNED_SHARE: f64 = 0.10;
 
 /// The decoder's widths from the recipe's `[prune]` table: its shapes before calibrate-prune has
 /// written it.
@@ -47,35 +45,64 @@ struct Shapes {
     decoder_source: String,
 }
 
-/// The per-GPU budget in bytes, line by line, and its peaks.
-struct Budget {
-    items: [Item; 8],
-    half: bool,
-    p_full: f64,
-    p_dec: f64,
-    /// Bytes of the fp32 masters (replicated) and of the AdamW moments.
-    masters: f64,
-    moments: f64,
-    /// ZeRO-1's all-gathered fp32 parameter vector.
-    gather_buffer: f64,
-    peak_replicated: f64,
-    peak_sharded: f64,
+/// One combination of the two memory levers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Levers {
+    zero_stage: u8,
+    activation_checkpointing: bool,
 }
 
-impl Budget {
-    /// Weights, gradients, masters and moments (replicated or sharded).
-    fn states(&self, sharded: bool) -> f64 {
-        self.items[..5].iter().map(|i| if sharded { i.sharded } else { i.replicated }).sum()
-    }
+/// Every combination, cheapest in time first: no recomputation before recomputation (it costs
+/// about one more decoder forward per step), lower ZeRO stages first (fewer collectives).
+const ALL_LEVERS: [Levers; 6] = [
+    Levers { zero_stage: 0, activation_checkpointing: false },
+    Levers { zero_stage: 1, activation_checkpointing: false },
+    Levers { zero_stage: 2, activation_checkpointing: false },
+    Levers { zero_stage: 0, activation_checkpointing: true },
+    Levers { zero_stage: 1, activation_checkpointing: true },
+    Levers { zero_stage: 2, activation_checkpointing: true },
+];
 
-    fn activations(&self) -> f64 {
-        self.items[5..].iter().map(|i| i.replicated).sum()
+/// The planning context of a dry run.
+struct DryRun<'a> {
+    t: &'a TrainSection,
+    shapes: &'a Shapes,
+    gpus: usize,
+    /// `logits_block_bytes` of the recipe's device.
+    block_bytes: f64,
+}
+
+impl DryRun<'_> {
+    /// The plan of `rows` rows per micro-batch at the worst split of `max_seq_length`, and that
+    /// split's context tokens.
+    fn plan(&self, levers: Levers, rows: usize) -> (MemoryPlan, usize) {
+        let total = self.t.max_seq_length.max(3);
+        // The plan is linear in the context's share: an end (or the middle) is the worst.
+        [1, total / 2, total - 2]
+            .into_iter()
+            .map(|context| {
+                let shape = StepShape {
+                    full: self.shapes.full.as_ref(),
+                    decoder: &self.shapes.decoder,
+                    mode: self.t.mode,
+                    half: is_half(&self.t.dtype),
+                    rows,
+                    context_tokens: context,
+                    target_tokens: total - context,
+                    world_size: self.gpus,
+                    zero_stage: levers.zero_stage,
+                    activation_checkpointing: levers.activation_checkpointing,
+                    logits_block_bytes: self.block_bytes,
+                };
+                (plan(&shape), context)
+            })
+            .max_by(|a, b| a.0.peak_bytes().total_cmp(&b.0.peak_bytes()))
+            .expect("three splits")
     }
 }
 
-/// Prints the budget of these settings for `gpus` GPUs of `gpu_memory_gib` each, whether it fits
-/// with the optimizer state replicated and sharded, and, when even ZeRO-1 does not fit, the
-/// per-device batch that would.
+/// Prints the plan of these settings for `gpus` GPUs of `gpu_memory_gib` each: the recipe's own
+/// levers item by item, every combination's peak, and what fits.
 pub fn run(settings: &Settings, planned: &PlannedWidths, gpus: usize, gpu_memory_gib: f64) -> Result<()> {
     if gpus == 0 {
         bail!("--gpus must be at least 1");
@@ -84,8 +111,9 @@ pub fn run(settings: &Settings, planned: &PlannedWidths, gpus: usize, gpu_memory
         bail!("--gpu-memory must be a positive number of GiB");
     }
     let shapes = read_shapes(settings, planned)?;
-    let budget = plan(&settings.train, &shapes, gpus);
-    print_budget(settings, &shapes, &budget, gpus, gpu_memory_gib);
+    let device = parse_device(&settings.train.device).unwrap_or(Device::Cuda(0));
+    let dry = DryRun { t: &settings.train, shapes: &shapes, gpus, block_bytes: logits_block_bytes(device) as f64 };
+    print_plan(settings, &dry, gpu_memory_gib);
     Ok(())
 }
 
@@ -108,124 +136,87 @@ fn read_shapes(settings: &Settings, planned: &PlannedWidths) -> Result<Shapes> {
     Ok(Shapes { full, decoder, decoder_source })
 }
 
-/// Bytes per GPU of every item at the recipe's dtype, per-device batch and `max_seq_length`.
-fn plan(t: &TrainSection, shapes: &Shapes, gpus: usize) -> Budget {
-    let (full, decoder) = (&shapes.full, &shapes.decoder);
-    let half = match t.dtype.trim().to_ascii_lowercase().as_str() {
-        "f32" | "float32" | "fp32" => false,
-        _ => true,
-    };
-    let compute_bytes = if half { 2.0 } else { 4.0 };
-    let p_dec = decoder.param_count() as f64;
-    let p_full = full.as_ref().map(|c| c.param_count() as f64).unwrap_or(0.0);
-    let n = gpus as f64;
-    let (b, s) = (t.per_device_batch_size as f64, t.max_seq_length as f64);
-
-    let kv_dim = |c: &ModelConfig| (c.num_key_value_heads * c.head_dim) as f64;
-    let activations_full = full.as_ref().map_or(0.0, |c| {
-        let kv_cache = c.num_hidden_layers as f64 * 2.0 * kv_dim(c) * b * s * compute_bytes;
-        let one_layer = b * s * (4.0 * c.hidden_size as f64 + 3.0 * c.intermediate_size as f64) * compute_bytes;
-        kv_cache + one_layer
-    });
-    let per_token_layer = compute_bytes * (10.0 * decoder.hidden_size as f64 + 3.0 * kv_dim(decoder) + 4.0 * decoder.intermediate_size as f64)
-        + 4.0 * 2.0 * decoder.hidden_size as f64;
-    let activations_decoder = decoder.num_hidden_layers as f64 * b * s * per_token_layer;
-    let logits = b * s * decoder.vocab_size as f64 * (compute_bytes + 4.0 + 4.0);
-
-    let grads = p_dec * if half { 2.0 + 4.0 } else { 4.0 };
-    let masters = if half { p_dec * 4.0 } else { 0.0 };
-    let items = [
-        Item { what: "full model weights (frozen)", replicated: p_full * compute_bytes, sharded: p_full * compute_bytes },
-        Item { what: "decoder weights", replicated: p_dec * compute_bytes, sharded: p_dec * compute_bytes },
-        Item { what: "gradients (+ fp32 accumulators)", replicated: grads, sharded: grads },
-        Item { what: "fp32 master weights", replicated: masters, sharded: p_dec * 4.0 / n },
-        Item { what: "AdamW moments (fp32 m, v)", replicated: p_dec * 8.0, sharded: p_dec * 8.0 / n },
-        Item { what: "activations: full model K/V + prefill", replicated: activations_full, sharded: activations_full },
-        Item { what: "activations: decoder (saved for backward)", replicated: activations_decoder, sharded: activations_decoder },
-        Item { what: "activations: logits + log-softmax + grad", replicated: logits, sharded: logits },
-    ];
-    let mut budget = Budget {
-        items,
-        half,
-        p_full,
-        p_dec,
-        masters,
-        moments: p_dec * 8.0,
-        // ZeRO-1's step runs after backward (activations freed) with one fp32 vector of all parameters.
-        gather_buffer: p_dec * 4.0,
-        peak_replicated: 0.0,
-        peak_sharded: 0.0,
-    };
-    budget.peak_replicated = budget.states(false) + budget.activations();
-    budget.peak_sharded = (budget.states(true) + budget.activations()).max(budget.states(true) + budget.gather_buffer);
-    budget
+fn is_half(dtype: &str) -> bool {
+    !matches!(dtype.trim().to_ascii_lowercase().as_str(), "f32" | "float32" | "fp32")
 }
 
-fn print_budget(settings: &Settings, shapes: &Shapes, budget: &Budget, gpus: usize, gpu_memory_gib: f64) {
-    let (t, decoder) = (&settings.train, &shapes.decoder);
-    println!("per-GPU memory budget: {gpus} GPU(s) × {gpu_memory_gib} GiB, {} compute, mode {:?}", if budget.half { "bf16" } else { "f32" }, t.mode);
+fn print_plan(settings: &Settings, dry: &DryRun, gpu_memory_gib: f64) {
+    let (t, shapes, gpus) = (dry.t, dry.shapes, dry.gpus);
+    let decoder = &shapes.decoder;
+    let capacity = gpu_memory_gib * GIB * (1.0 - UNPLANNED_SHARE);
+    println!("per-GPU memory plan: {gpus} GPU(s) × {gpu_memory_gib} GiB, {} compute, mode {:?}", if is_half(&t.dtype) { "bf16" } else { "f32" }, t.mode);
+    println!(
+        "  usable for the plan: {:.1} GiB ({:.0}% kept for the CUDA context, library workspaces, NCCL buffers and allocator fragmentation)",
+        capacity / GIB,
+        100.0 * UNPLANNED_SHARE
+    );
     println!(
         "  full model: {}  ({:.2} B parameters)",
         settings.full.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
-        budget.p_full / 1e9
+        shapes.full.as_ref().map_or(0.0, |c| c.param_count() as f64) / 1e9
     );
     println!(
         "  decoder: {}  ({:.2} B parameters; hidden {}, intermediate {}, {} layers)",
         shapes.decoder_source,
-        budget.p_dec / 1e9,
+        decoder.param_count() as f64 / 1e9,
         decoder.hidden_size,
         decoder.intermediate_size,
         decoder.num_hidden_layers
     );
+    let own = Levers { zero_stage: t.zero_stage, activation_checkpointing: t.activation_checkpointing };
+    let (plan, context) = dry.plan(own, t.per_device_batch_size);
     println!(
-        "  activations at per_device_batch_size {} × max_seq_length {} (upper bound: every row at full length, no activation checkpointing)",
-        t.per_device_batch_size, t.max_seq_length
+        "  per_device_batch_size {} × max_seq_length {} (worst split: {context} context tokens per row), zero_stage = {}, activation_checkpointing = {}",
+        t.per_device_batch_size, t.max_seq_length, own.zero_stage, own.activation_checkpointing
     );
-    println!("  {:<44} {:>14} {:>14}", "GiB per GPU", "replicated", "ZeRO-1");
-    for item in &budget.items {
-        println!("  {:<44} {:>14.2} {:>14.2}", item.what, item.replicated / GIB, item.sharded / GIB);
-    }
-    println!("  {:<44} {:>14} {:>14.2}", "ZeRO-1 step: all-gathered fp32 parameters", "-", budget.gather_buffer / GIB);
-    println!("  {:<44} {:>14.2} {:>14.2}", "peak", budget.peak_replicated / GIB, budget.peak_sharded / GIB);
-    let verdict = |peak: f64| {
-        if peak <= gpu_memory_gib * GIB {
-            format!("fits ({:.1} GiB free)", gpu_memory_gib - peak / GIB)
-        } else {
-            format!("does NOT fit ({:.1} GiB over)", peak / GIB - gpu_memory_gib)
+    for (phase, items) in [("kept through the run", &plan.states), ("forward + backward peak", &plan.activations), ("optimizer step peak", &plan.step)] {
+        println!("  {phase}:");
+        for item in items {
+            println!("    {:<56} {:>9.2} GiB", item.what, item.bytes / GIB);
         }
-    };
-    println!("  replicated optimizer (zero_stage = 0): {}", verdict(budget.peak_replicated));
-    println!("  sharded optimizer    (zero_stage = 1): {}", verdict(budget.peak_sharded));
-    let sharded_states = budget.masters + budget.moments;
-    println!(
-        "  why: weights, gradients, masters and moments alone take {:.1} GiB per GPU replicated; ZeRO-1 splits the {:.1} GiB of masters and moments over {gpus} GPUs ({:.1} GiB each)",
-        budget.states(false) / GIB,
-        sharded_states / GIB,
-        sharded_states / gpus as f64 / GIB
-    );
-    if budget.peak_sharded > gpu_memory_gib * GIB {
-        print_batch_that_fits(t, budget, gpu_memory_gib);
     }
+    println!("    {:<56} {:>9.2} GiB", "peak", plan.peak_bytes() / GIB);
+    println!("  every combination at this batch (GiB per GPU):");
+    let mut first_fit = None;
+    for levers in ALL_LEVERS {
+        let peak = dry.plan(levers, t.per_device_batch_size).0.peak_bytes();
+        let fits = peak <= capacity;
+        if fits && first_fit.is_none() {
+            first_fit = Some(levers);
+        }
+        println!(
+            "    zero_stage = {}, activation_checkpointing = {:<5}  {:>8.2}  {}",
+            levers.zero_stage,
+            levers.activation_checkpointing,
+            peak / GIB,
+            if fits { format!("fits ({:.1} GiB free)", (capacity - peak) / GIB) } else { format!("does NOT fit ({:.1} GiB over)", (peak - capacity) / GIB) }
+        );
+    }
+    match first_fit {
+        Some(levers) if levers == own => println!("  the recipe's settings fit"),
+        Some(levers) => println!(
+            "  fits with: --set train.zero_stage={} --set train.activation_checkpointing={} (the fastest combination that fits)",
+            levers.zero_stage, levers.activation_checkpointing
+        ),
+        None => print_batch_that_fits(dry, capacity),
+    }
+    println!("  (planned from the code's allocations: within 2% of the tensor bytes of real CPU steps (bench-train); on a GPU not yet measured, see the README)");
 }
 
-/// The largest per-device batch that fits with ZeRO-1, keeping the global batch through gradient
-/// accumulation.
-fn print_batch_that_fits(t: &TrainSection, budget: &Budget, gpu_memory_gib: f64) {
-    let fits = |peak: f64| peak <= gpu_memory_gib * GIB;
-    let states = budget.states(true);
-    let per_row = budget.activations() / (t.per_device_batch_size as f64).max(1.0);
-    let max_rows = ((gpu_memory_gib * GIB - states) / per_row).floor();
-    // A per-device batch dividing this rank's rows per step, so accumulation keeps the global batch.
+/// No combination fits the recipe's batch: the largest per-device batch that fits with ZeRO-2
+/// and recomputation, keeping the global batch through gradient accumulation.
+fn print_batch_that_fits(dry: &DryRun, capacity: f64) {
+    let t = dry.t;
+    let levers = ALL_LEVERS[5];
     let rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps;
-    let rows = (1..=rows_per_step).rev().find(|&r| rows_per_step % r == 0 && (r as f64) <= max_rows);
-    if let Some(rows) = rows.filter(|_| fits(states + budget.gather_buffer)) {
-        println!(
-            "  with zero_stage = 1, per_device_batch_size = {rows} and gradient_accumulation_steps = {} (the same global batch) it fits: peak {:.1} GiB",
+    let rows = (1..=rows_per_step).rev().find(|&r| rows_per_step % r == 0 && dry.plan(levers, r).0.peak_bytes() <= capacity);
+    match rows {
+        Some(rows) => println!(
+            "  with zero_stage = 2, activation_checkpointing = true, per_device_batch_size = {rows} and gradient_accumulation_steps = {} (the same global batch) it fits: peak {:.1} GiB",
             rows_per_step / rows,
-            (states + per_row * rows as f64).max(states + budget.gather_buffer) / GIB
-        );
-    } else {
-        println!("  no per-device batch fits with ZeRO-1 on this GPU: more GPUs, or activation checkpointing / ZeRO-2/3 (not implemented)");
+            dry.plan(levers, rows).0.peak_bytes() / GIB
+        ),
+        None => println!("  no per-device batch fits on this GPU even with ZeRO-2 and recomputation: more GPUs, or a smaller max_seq_length"),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod events;
 mod inputs;
 mod loader;
 pub mod memory;
+pub mod memory_plan;
 pub mod optimizer;
 pub mod reducer;
 mod resume;
