@@ -10,6 +10,10 @@
 //! standard deviation go to `latency.csv`, the figures to PNG files. Decode tokens/s are set
 //! against the memory-bandwidth ceiling measured in the same run: weight bytes a decode step
 //! reads ÷ the measured device copy bandwidth.
+//!
+//! `--speculative 2,4,8` adds one system per draft length: lossless two-stage decoding (the
+//! pruned model drafts, the full model verifies; its output is the full model's), with the
+//! acceptance rate in the CSV's last column and the figures.
 mod measure;
 pub(crate) mod plots;
 
@@ -80,6 +84,12 @@ pub struct Args {
     /// Timed runs per point.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// Also measure lossless two-stage decoding with these draft lengths (e.g. 2,4,8): the pruned
+    /// model drafts K tokens over the full model's cache and the full model verifies them
+    /// (`generate --speculative K`), one `speculative-kK` system each, with its acceptance rate.
+    /// With random weights the drafts rarely agree: give --model and --decoder for real numbers.
+    #[arg(long, value_delimiter = ',', value_name = "K,..")]
+    pub speculative: Vec<usize>,
     /// Seed of the random weights and prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
@@ -206,26 +216,23 @@ pub fn run(args: Args) -> Result<()> {
         pruned_bytes as f64 / 1e6,
         bandwidth / 1e9
     );
-    let systems = [
-        System {
-            name: "full",
-            prefill: &full,
-            decode: &full,
-            decode_bytes: full_bytes,
-        },
-        System {
-            name: "pruned",
-            prefill: &pruned,
-            decode: &pruned,
-            decode_bytes: pruned_bytes,
-        },
-        System {
-            name: "overfill",
-            prefill: &full,
-            decode: &pruned,
-            decode_bytes: pruned_bytes,
-        },
+    let mut systems = vec![
+        System { name: "full".into(), prefill: &full, decode: &full, speculative: None, decode_bytes: full_bytes },
+        System { name: "pruned".into(), prefill: &pruned, decode: &pruned, speculative: None, decode_bytes: pruned_bytes },
+        System { name: "overfill".into(), prefill: &full, decode: &pruned, speculative: None, decode_bytes: pruned_bytes },
     ];
+    // A verification reads the full model's weights once for K drafts of the pruned model: its
+    // ceiling is taken per round, K pruned steps + one full pass for at most K + 1 tokens.
+    for &k in &args.speculative {
+        let round_bytes = k as u64 * pruned_bytes + full_bytes;
+        systems.push(System {
+            name: format!("speculative-k{k}"),
+            prefill: &full,
+            decode: &pruned,
+            speculative: Some(k),
+            decode_bytes: round_bytes / (k as u64 + 1),
+        });
+    }
     let timing = Timing { vocab_size: full.config.vocab_size, seed: args.seed, warmup: args.warmup, runs: args.runs, bandwidth };
     let rows = measure_points(&points, &systems, &timing)?;
 
@@ -278,6 +285,9 @@ fn check_args(args: &Args) -> Result<()> {
     if args.prompt_len == 0 || args.gen_len == 0 || args.batch == 0 {
         bail!("--prompt-len, --gen-len and --batch must be > 0");
     }
+    if args.speculative.contains(&0) {
+        bail!("--speculative must list draft lengths > 0");
+    }
     Ok(())
 }
 
@@ -320,17 +330,28 @@ fn replot(dir: &Path) -> Result<()> {
     for (i, line) in text.lines().enumerate().skip(1) {
         let bad = || anyhow::anyhow!("{} line {}: not a latency.csv row", csv.display(), i + 1);
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 13 {
+        // 13 columns before --speculative existed, 14 since (acceptance_rate, empty but for
+        // speculative systems).
+        if f.len() != 13 && f.len() != 14 {
             return Err(bad());
         }
         let name = |s: &str, names: &[&'static str]| {
             names.iter().copied().find(|n| *n == s).ok_or_else(bad)
         };
+        let system = match f[1] {
+            "full" | "pruned" | "overfill" => f[1].to_string(),
+            s if s.strip_prefix("speculative-k").is_some_and(|k| k.parse::<usize>().is_ok()) => s.to_string(),
+            _ => return Err(bad()),
+        };
+        let acceptance_rate = match f.get(13) {
+            Some(v) if !v.is_empty() => Some(v.parse::<f64>().map_err(|_| bad())?),
+            _ => None,
+        };
         let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
         let int = |k: usize| f[k].parse::<usize>().map_err(|_| bad());
         rows.push(Row {
             sweep: name(f[0], &["gen", "prompt", "batch"])?,
-            system: name(f[1], &["full", "pruned", "overfill"])?,
+            system,
             batch: int(2)?,
             prompt_len: int(3)?,
             gen_len: int(4)?,
@@ -348,6 +369,7 @@ fn replot(dir: &Path) -> Result<()> {
             },
             decode_tokens_per_second: num(11)?,
             ceiling_tokens_per_second: num(12)?,
+            acceptance_rate,
         });
     }
     plots::draw_all(dir, &rows, &models)?;
@@ -373,11 +395,11 @@ fn describe(full: &Transformer, pruned: &Transformer, device: Device, dtype: Kin
 
 fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
     let mut text = String::from(
-        "sweep,system,batch,prompt_len,gen_len,prefill_mean_s,prefill_std_s,decode_mean_s,decode_std_s,total_mean_s,total_std_s,decode_tokens_per_s,ceiling_tokens_per_s\n",
+        "sweep,system,batch,prompt_len,gen_len,prefill_mean_s,prefill_std_s,decode_mean_s,decode_std_s,total_mean_s,total_std_s,decode_tokens_per_s,ceiling_tokens_per_s,acceptance_rate\n",
     );
     for r in rows {
         text.push_str(&format!(
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.2},{:.2}\n",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.2},{:.2},{}\n",
             r.sweep,
             r.system,
             r.batch,
@@ -390,7 +412,8 @@ fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
             r.total.mean,
             r.total.std,
             r.decode_tokens_per_second,
-            r.ceiling_tokens_per_second
+            r.ceiling_tokens_per_second,
+            r.acceptance_rate.map_or(String::new(), |a| format!("{a:.4}"))
         ));
     }
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
@@ -443,12 +466,36 @@ fn summarize(
         "decode_weight_bytes": {"full": full_bytes, "pruned": pruned_bytes},
         "batch_1": ratios(1),
         "batch_default": ratios(args.batch),
+        "speculative": speculative_summary(args, rows),
     })
+}
+
+/// Per draft length at the fixed point (batch 1 and the default batch): acceptance and decode
+/// time over the full model's.
+fn speculative_summary(args: &Args, rows: &[Row]) -> serde_json::Value {
+    let mut out = Vec::new();
+    for batch in [1, args.batch] {
+        let Some(full) = at(rows, batch, args.prompt_len, args.gen_len, "full") else { continue };
+        for &k in &args.speculative {
+            if let Some(r) = at(rows, batch, args.prompt_len, args.gen_len, &format!("speculative-k{k}")) {
+                out.push(json!({
+                    "draft_len": k,
+                    "batch": batch,
+                    "acceptance_rate": r.acceptance_rate,
+                    "decode_seconds_over_full": r.decode.mean / full.decode.mean,
+                }));
+            }
+        }
+        if batch == args.batch {
+            break;
+        }
+    }
+    json!(out)
 }
 
 fn print_table(rows: &[Row], bandwidth: f64) {
     println!(
-        "{:<7} {:<9} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10} {:>10} {:>6}",
+        "{:<7} {:<16} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10} {:>10} {:>6} {:>7}",
         "sweep",
         "system",
         "batch",
@@ -459,12 +506,13 @@ fn print_table(rows: &[Row], bandwidth: f64) {
         "total ms",
         "dec tok/s",
         "ceil tok/s",
-        "%ceil"
+        "%ceil",
+        "accept"
     );
     for r in rows {
         let ms = |s: Stats| format!("{:.1}±{:.1}", s.mean * 1e3, s.std * 1e3);
         println!(
-            "{:<7} {:<9} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10.1} {:>10.1} {:>5.0}%",
+            "{:<7} {:<16} {:>5} {:>6} {:>5} {:>16} {:>16} {:>16} {:>10.1} {:>10.1} {:>5.0}% {:>7}",
             r.sweep,
             r.system,
             r.batch,
@@ -475,7 +523,8 @@ fn print_table(rows: &[Row], bandwidth: f64) {
             ms(r.total),
             r.decode_tokens_per_second,
             r.ceiling_tokens_per_second,
-            100.0 * r.decode_tokens_per_second / r.ceiling_tokens_per_second
+            100.0 * r.decode_tokens_per_second / r.ceiling_tokens_per_second,
+            r.acceptance_rate.map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a))
         );
     }
     println!(

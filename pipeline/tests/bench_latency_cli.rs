@@ -148,6 +148,8 @@ fn bad_settings_fail_before_any_work() {
     assert!(e.contains("--batch-sizes must list numbers > 0"), "{e}");
     let e = err(&["--runs", "0"]);
     assert!(e.contains("--runs must be at least 1"), "{e}");
+    let e = err(&["--speculative", "2,0"]);
+    assert!(e.contains("--speculative must list draft lengths > 0"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
     let shallow = tmp.path().join("shallow.json");
     let mut tiny: serde_json::Value =
@@ -159,4 +161,51 @@ fn bad_settings_fail_before_any_work() {
         e.contains("num_hidden_layers: full model 4, decoder 28"),
         "{e}"
     );
+}
+
+/// `--speculative K,..`: a `speculative-kK` system per draft length, its acceptance rate in the
+/// CSV's last column and the summary. With the full model as its own drafter every draft is kept
+/// (acceptance exactly 1), which is the only value random weights can promise.
+#[test]
+fn speculative_systems_report_their_acceptance_and_replot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, full, out_dir) = (tmp.path().join("tok"), tmp.path().join("full"), tmp.path().join("bench"));
+    let config = repo_root().join("configs/models/tiny-llama.json");
+    for args in [
+        vec!["synth-data", "--tokenizer-out", tok.to_str().unwrap()],
+        vec!["init-model", "--config", config.to_str().unwrap(), "--out", full.to_str().unwrap(), "--seed", "0", "--tokenizer", tok.to_str().unwrap()],
+    ] {
+        let out = overfill(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let full = full.to_str().unwrap();
+    let out = overfill(&[
+        "bench-latency", "--model", full, "--decoder", full, "--speculative", "2,3", "--sweeps", "batch",
+        "--batch-sizes", "1,2", "--batch", "2", "--prompt-len", "5", "--gen-len", "9", "--warmup", "0", "--runs", "1",
+        "--threads", "1", "--out", out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(out_dir.join("latency.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().ends_with(",acceptance_rate"), "{csv}");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let systems: Vec<&str> = rows.iter().map(|r| r[1]).collect();
+    let expected = ["full", "pruned", "overfill", "speculative-k2", "speculative-k3"];
+    assert_eq!(systems, [expected, expected].concat(), "{csv}");
+    for r in &rows {
+        assert_eq!(r.len(), 14, "{csv}");
+        match r[1].starts_with("speculative") {
+            true => assert_eq!(r[13], "1.0000", "the full model agrees with itself: {csv}"),
+            false => assert_eq!(r[13], "", "{csv}"),
+        }
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let speculative = summary["speculative"].as_array().unwrap();
+    let points: Vec<(u64, u64)> = speculative.iter().map(|s| (s["draft_len"].as_u64().unwrap(), s["batch"].as_u64().unwrap())).collect();
+    assert_eq!(points, [(2, 1), (3, 1), (2, 2), (3, 2)], "{summary}");
+    assert!(speculative.iter().all(|s| s["acceptance_rate"] == 1.0 && s["decode_seconds_over_full"].as_f64().unwrap() > 0.0));
+    std::fs::remove_file(out_dir.join("fig5_latency_vs_batch_size.png")).unwrap();
+    let out = overfill(&["bench-latency", "--replot", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out_dir.join("fig5_latency_vs_batch_size.png").is_file());
 }

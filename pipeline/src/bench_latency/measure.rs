@@ -8,11 +8,14 @@ use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
 use overfill_model::transformer::Transformer;
 use tch::{Device, Kind, Tensor};
 
-/// One of the three systems compared.
+/// One of the systems compared: full, pruned, overfill, and `speculative-kK` (the pruned model
+/// drafts K tokens, the full model verifies: the full model's output).
 pub struct System<'a> {
-    pub name: &'static str,
+    pub name: String,
     pub prefill: &'a Transformer,
     pub decode: &'a Transformer,
+    /// Draft tokens per verification (`DecodeOptions::speculative`).
+    pub speculative: Option<usize>,
     /// Weight bytes one decode step of `decode` reads.
     pub decode_bytes: u64,
 }
@@ -41,7 +44,7 @@ pub struct Timing {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub sweep: &'static str,
-    pub system: &'static str,
+    pub system: String,
     pub batch: usize,
     pub prompt_len: usize,
     pub gen_len: usize,
@@ -52,6 +55,17 @@ pub struct Row {
     pub decode_tokens_per_second: f64,
     /// batch ÷ (weight bytes a decode step reads ÷ copy bandwidth).
     pub ceiling_tokens_per_second: f64,
+    /// Speculative systems: accepted ÷ proposed draft tokens over the timed runs.
+    pub acceptance_rate: Option<f64>,
+}
+
+/// What the timed runs of one system at one point measured.
+struct Runs {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    /// Draft tokens proposed and accepted (speculative systems).
+    proposed: usize,
+    accepted: usize,
 }
 
 /// Mean and (sample) standard deviation in seconds.
@@ -132,39 +146,31 @@ fn random_prompts(batch: usize, len: usize, vocab: usize, seed: i64) -> Vec<Vec<
 }
 
 /// Prefill and decode seconds of each timed run of one system at one point.
-fn time_runs(
-    system: &System,
-    prompts: &[Vec<i64>],
-    gen_len: usize,
-    warmup: usize,
-    runs: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
+fn time_runs(system: &System, prompts: &[Vec<i64>], gen_len: usize, warmup: usize, runs: usize) -> Result<Runs> {
     let options = GenerateOptions {
         max_new_tokens: gen_len,
         eos_token_ids: vec![],
         pad_token_id: 0,
         keep_prompt_logits: false,
     };
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let decode_options = DecodeOptions { speculative: system.speculative, ..DecodeOptions::default() };
+    let mut measured = Runs { prefill: Vec::new(), decode: Vec::new(), proposed: 0, accepted: 0 };
     for run in 0..warmup + runs {
-        let out = generate(
-            system.prefill,
-            system.decode,
-            prompts,
-            &options,
-            &DecodeOptions::default(),
-            None,
-        )
-        .with_context(|| format!("{} generation", system.name))?;
+        let out = generate(system.prefill, system.decode, prompts, &options, &decode_options, None)
+            .with_context(|| format!("{} generation", system.name))?;
         if out.token_ids.iter().any(|t| t.len() != gen_len) {
             bail!("{}: a row stopped before {gen_len} tokens", system.name);
         }
         if run >= warmup {
-            prefill.push(out.prefill_seconds);
-            decode.push(out.decode_seconds);
+            measured.prefill.push(out.prefill_seconds);
+            measured.decode.push(out.decode_seconds);
+            if let Some(stats) = &out.speculative {
+                measured.proposed += stats.proposed;
+                measured.accepted += stats.accepted;
+            }
         }
     }
-    Ok((prefill, decode))
+    Ok(measured)
 }
 
 /// Every system at every point: a row of timings each, with a progress bar.
@@ -184,20 +190,22 @@ pub fn measure_points(points: &[Point], systems: &[System], timing: &Timing) -> 
                 "{sweep}: {} batch {batch} prompt {prompt_len} gen {gen_len}",
                 system.name
             ));
-            let (prefill, decode) = time_runs(system, &prompts, gen_len, timing.warmup, timing.runs)?;
-            let total: Vec<f64> = prefill.iter().zip(&decode).map(|(p, d)| p + d).collect();
-            let decode = Stats::of(&decode);
+            let runs = time_runs(system, &prompts, gen_len, timing.warmup, timing.runs)?;
+            let total: Vec<f64> = runs.prefill.iter().zip(&runs.decode).map(|(p, d)| p + d).collect();
+            let decode = Stats::of(&runs.decode);
+            let prefill = Stats::of(&runs.prefill);
             rows.push(Row {
                 sweep,
-                system: system.name,
+                system: system.name.clone(),
                 batch,
                 prompt_len,
                 gen_len,
-                prefill: Stats::of(&prefill),
+                prefill,
                 decode,
                 total: Stats::of(&total),
                 decode_tokens_per_second: (batch * (gen_len - 1)) as f64 / decode.mean.max(1e-12),
                 ceiling_tokens_per_second: batch as f64 * timing.bandwidth / system.decode_bytes as f64,
+                acceptance_rate: system.speculative.map(|_| runs.accepted as f64 / runs.proposed.max(1) as f64),
             });
             progress.inc(1);
         }

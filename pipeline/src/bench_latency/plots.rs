@@ -1,5 +1,5 @@
 //! The PNG figures of `overfill bench-latency`, styled after the paper's Figures 3–5: one
-//! colour per system (full, pruned, overfill), means with ±1 std error bars, prefill and decode
+//! colour per system (full, pruned, overfill, then any speculative-kK), means with ±1 std error bars, prefill and decode
 //! stacked in the prompt-length figure. The font is embedded (DejaVu Sans), so no system fonts
 //! are needed.
 use std::path::Path;
@@ -15,7 +15,22 @@ const SYSTEMS: [(&str, RGBColor); 3] = [
     ("pruned", RGBColor(255, 127, 14)),
     ("overfill", RGBColor(44, 160, 44)),
 ];
+/// Colours of the speculative systems, in the order they were measured.
+const SPECULATIVE_COLORS: [RGBColor; 4] =
+    [RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127)];
 const SIZE: (u32, u32) = (960, 600);
+
+/// The systems to draw: the three of the paper, then the speculative ones present in `rows`.
+fn systems_of(rows: &[Row]) -> Vec<(String, RGBColor)> {
+    let mut systems: Vec<(String, RGBColor)> = SYSTEMS.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+    for r in rows {
+        if !systems.iter().any(|(n, _)| *n == r.system) {
+            let color = SPECULATIVE_COLORS[(systems.len() - SYSTEMS.len()) % SPECULATIVE_COLORS.len()];
+            systems.push((r.system.clone(), color));
+        }
+    }
+    systems
+}
 
 pub(crate) fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing the figure: {e}")
@@ -153,7 +168,7 @@ fn lines(
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(plot_err)?;
-    for (name, color) in SYSTEMS {
+    for (name, color) in systems_of(rows) {
         let mut points: Vec<(f64, f64, f64)> = rows
             .iter()
             .filter(|r| r.system == name)
@@ -166,7 +181,7 @@ fn lines(
                 color.stroke_width(3),
             ))
             .map_err(plot_err)?
-            .label(name)
+            .label(name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });
@@ -242,9 +257,12 @@ fn stacked_bars(path: &Path, rows: &[Row], subtitle: &str) -> Result<()> {
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(plot_err)?;
-    let width = 0.26;
-    for (j, (name, color)) in SYSTEMS.into_iter().enumerate() {
-        let offset = (j as f64 - 1.0) * (width + 0.02);
+    // Bars of all systems share 0.84 of each prompt length's slot (0.26 wide each for three).
+    let systems = systems_of(rows);
+    let n = systems.len() as f64;
+    let width = 0.78 / n;
+    for (j, (name, color)) in systems.into_iter().enumerate() {
+        let offset = (j as f64 - (n - 1.0) / 2.0) * (width + 0.06 / n);
         let bars: Vec<(f64, f64, f64, f64)> = lengths
             .iter()
             .enumerate()
