@@ -150,74 +150,114 @@ pub(crate) fn generate_speculative(
             .max()
             .unwrap_or(0)
             .min(draft_len);
-        let base = cache.len();
-
-        let step = Instant::now();
-        let drafts = draft(
-            drafter,
-            &mut cache,
-            &mut sampler,
-            &pending,
-            &positions,
-            &mask,
-            k,
-        )?;
+        let active: Vec<bool> = finished.iter().map(|&f| !f).collect();
+        let round = round(full, drafter, &mut cache, &mut sampler, &pending, &positions, &mask, k, &active)?;
         output.decode_steps += k;
-        stats.draft_seconds += step.elapsed().as_secs_f64();
-
-        let step = Instant::now();
-        cache.truncate(base)?;
-        let tokens = Tensor::cat(&[&pending, &drafts.ids], 1); // [B, K + 1]
-        let logits = full
-            .forward_sampled(
-                &tokens,
-                &(&positions + Tensor::arange(k as i64 + 1, (Kind::Int64, device))),
-                &Tensor::cat(&[&mask, &tokens.ones_like()], 1),
-                &mut cache,
-            )
-            .context("verification by the full model")?; // [B, K + 1, V]
-        let verdict = verify(&mut sampler, &logits, &drafts)?;
-        // One device→host copy per round: the drafts, the counts kept and the next tokens.
-        let host = Vec::<i64>::try_from(
-            &Tensor::cat(
-                &[
-                    &drafts.ids,
-                    &verdict.accepted.view([-1, 1]),
-                    &verdict.next.view([-1, 1]),
-                ],
-                1,
-            )
-            .view([-1]),
-        )?;
+        stats.draft_seconds += round.draft_seconds;
+        stats.verify_seconds += round.verify_seconds;
         stats.verifications += 1;
-        stats.verify_seconds += step.elapsed().as_secs_f64();
-
-        // Each row's new tokens: its kept drafts, then the full model's own.
-        let mut kept_slots = 1;
-        for (row, round) in host.chunks(k + 2).enumerate() {
+        for (row, tokens) in round.tokens.iter().enumerate() {
             if finished[row] {
                 continue;
             }
-            let accepted = round[k] as usize;
             stats.row_verifications += 1;
             stats.proposed += k;
-            stats.accepted += accepted;
-            kept_slots = kept_slots.max(accepted + 1);
-            for &id in round[..accepted].iter().chain([&round[k + 1]]) {
+            stats.accepted += tokens.len() - 1;
+            for &id in tokens {
                 finished[row] = emit(&mut output.token_ids[row], row, id, options, &mut on_token);
                 if finished[row] {
                     break;
                 }
             }
         }
-        // Row b keeps its newest token and its accepted drafts: slots base..=base+accepted[b].
-        mask = keep_accepted_slots(&mut cache, &mask, base, kept_slots, &verdict.accepted)?;
-        positions = positions + verdict.accepted.view([-1, 1]) + 1;
-        pending = verdict.next.view([-1, 1]);
+        mask = round.mask;
+        positions = positions + round.accepted.view([-1, 1]) + 1;
+        pending = round.next.view([-1, 1]);
     }
     output.decode_seconds = start.elapsed().as_secs_f64();
     output.speculative = Some(stats);
     Ok(output)
+}
+
+/// One round's outcome.
+pub struct Round {
+    /// Per row: the drafts the full model kept, then its own next token (1 to K + 1 tokens).
+    pub tokens: Vec<Vec<i64>>,
+    /// [B] i64: drafts kept per row.
+    pub accepted: Tensor,
+    /// [B] i64: the full model's own token after the kept drafts (not yet in the cache: the next
+    /// round's newest token).
+    pub next: Tensor,
+    /// [B, slots] the cache's attention mask after the round (rejected slots masked out).
+    pub mask: Tensor,
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+}
+
+/// One round of speculative decoding over a running batch: `drafter` proposes `k` tokens after
+/// each row's newest token `pending` [B, 1] (at rope positions `positions` [B, 1], attending to
+/// the cache under `mask` [B, slots]), `full` verifies them in one pass and keeps, per row, the
+/// prefix it agrees with (greedy) or accepts by the speculative-sampling rule, plus its own next
+/// token. The cache ends holding the newest tokens and the kept drafts (rows that kept fewer than
+/// the most have the difference masked out). Only `active` rows decide how many slots are kept;
+/// the others' tokens are computed but meaningless to the caller. Used by `generate` and by
+/// `overfill serve --speculative`.
+#[allow(clippy::too_many_arguments)]
+pub fn round(
+    full: &Transformer,
+    drafter: &Transformer,
+    cache: &mut KvCache,
+    sampler: &mut Sampler,
+    pending: &Tensor,
+    positions: &Tensor,
+    mask: &Tensor,
+    k: usize,
+    active: &[bool],
+) -> Result<Round> {
+    let device = full.device();
+    let base = cache.len();
+    let step = Instant::now();
+    let drafts = draft(drafter, cache, sampler, pending, positions, mask, k)?;
+    let draft_seconds = step.elapsed().as_secs_f64();
+
+    let step = Instant::now();
+    cache.truncate(base)?;
+    let tokens = Tensor::cat(&[pending, &drafts.ids], 1); // [B, K + 1]
+    let logits = full
+        .forward_sampled(
+            &tokens,
+            &(positions + Tensor::arange(k as i64 + 1, (Kind::Int64, device))),
+            &Tensor::cat(&[mask, &tokens.ones_like()], 1),
+            cache,
+        )
+        .context("verification by the full model")?; // [B, K + 1, V]
+    let verdict = verify(sampler, &logits, &drafts)?;
+    // One device→host copy per round: the drafts, the counts kept and the next tokens.
+    let host = Vec::<i64>::try_from(
+        &Tensor::cat(&[&drafts.ids, &verdict.accepted.view([-1, 1]), &verdict.next.view([-1, 1])], 1).view([-1]),
+    )?;
+    let verify_seconds = step.elapsed().as_secs_f64();
+
+    // Each row's new tokens: its kept drafts, then the full model's own.
+    let mut kept_slots = 1;
+    let mut new_tokens = Vec::with_capacity(active.len());
+    for (row, round) in host.chunks(k + 2).enumerate() {
+        let accepted = round[k] as usize;
+        if active.get(row).copied().unwrap_or(true) {
+            kept_slots = kept_slots.max(accepted + 1);
+        }
+        new_tokens.push(round[..accepted].iter().chain([&round[k + 1]]).copied().collect());
+    }
+    // Row b keeps its newest token and its accepted drafts: slots base..=base+accepted[b].
+    let mask = keep_accepted_slots(cache, mask, base, kept_slots, &verdict.accepted)?;
+    Ok(Round {
+        tokens: new_tokens,
+        accepted: verdict.accepted,
+        next: verdict.next,
+        mask,
+        draft_seconds,
+        verify_seconds,
+    })
 }
 
 /// The decoder's `k` proposals after `pending` [B, 1], one forward step each: it writes `k` cache

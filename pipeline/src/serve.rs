@@ -16,6 +16,12 @@ pub struct Args {
     /// and vocabulary.
     #[arg(long, value_name = "DIR")]
     pub decoder: Option<String>,
+    /// Lossless two-stage serving (needs --decoder): the decoder drafts up to K tokens per step
+    /// and the model verifies them in one pass, so every answer is the model's own (as
+    /// `overfill generate --speculative K`). Requests that sample are served by the model's own
+    /// steps while they run.
+    #[arg(long, value_name = "K", requires = "decoder")]
+    pub speculative: Option<usize>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// TCP port; 0 picks a free one (the address is printed on stderr).
@@ -87,6 +93,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.max_queue == 0 {
         bail!("--max-queue must be at least 1");
     }
+    if args.speculative == Some(0) {
+        bail!("--speculative needs at least 1 draft token per step");
+    }
     let timeouts = ConnectionTimeouts {
         header: seconds(args.header_timeout, "--header-timeout")?,
         shutdown: seconds(args.shutdown_timeout, "--shutdown-timeout")?,
@@ -113,7 +122,11 @@ pub fn run(args: Args) -> Result<()> {
     if limits.max_prompt_tokens == 0 || limits.max_tokens == 0 {
         bail!("--max-prompt-tokens and --max-tokens-limit must be at least 1");
     }
-    let decoder_note = args.decoder.as_ref().map(|d| format!(", decoder {d}")).unwrap_or_default();
+    let decoder_note = match (&args.decoder, args.speculative) {
+        (Some(d), Some(k)) => format!(", decoder {d} drafting {k} tokens for it to verify (speculative)"),
+        (Some(d), None) => format!(", decoder {d}"),
+        (None, _) => String::new(),
+    };
     overfill_serve::serve(ServeOptions {
         banner: format!(
             "model {}{decoder_note}, {}, {}, max batch {}, max queue {}",
@@ -127,6 +140,7 @@ pub fn run(args: Args) -> Result<()> {
         model_dir: dir,
         config,
         decoder_dir,
+        speculative: args.speculative,
         device,
         dtype,
         threads: args.threads,

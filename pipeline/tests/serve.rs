@@ -429,6 +429,92 @@ fn greedy_answers_equal_overfill_generate() {
     }
 }
 
+/// `serve --speculative K`: the decoder drafts, the full model verifies, so every greedy answer is
+/// the full model's own (`generate` without a decoder) — alone, as a batch of prompts, and for
+/// requests that join the running batch while others decode; sampled requests get the full
+/// model's own samples. With the full model as its own drafter every draft is kept.
+#[test]
+fn speculative_serving_answers_with_the_full_models_greedy_output() {
+    // A pair whose drafts are kept sometimes (the shared fixture's std-0.5 model is too erratic for
+    // its pruned decoder ever to agree): weights of std 0.02, then a half-width decoder.
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let config = repo_root().join("configs/models/tiny-llama.json");
+    overfill_ok(&["synth-data", "--tokenizer-out", &path("tok")]);
+    overfill_ok(&["init-model", "--config", config.to_str().unwrap(), "--out", &path("full"), "--seed", "5", "--std", "0.02", "--tokenizer", &path("tok")]);
+    let calib: Vec<Vec<i64>> = (0..4).map(|r| (0..24).map(|i| 40 + (i * 7 + r * 13) % 200).collect()).collect();
+    std::fs::write(path("calib.json"), serde_json::to_string(&calib).unwrap()).unwrap();
+    overfill_ok(&["calibrate-prune", "--model", &path("full"), "--data", &path("calib.json"), "--out", &path("pruned"), "--width-hidden", "0.5", "--width-intermediate", "0.5", "--calib-size", "4", "--batch-size", "2", "--device", "cpu"]);
+    let m = Models { full: path("full"), pruned: path("pruned"), _dir: tempfile::tempdir().unwrap() };
+    let server = Server::start(&m.full, Some(&m.pruned), &["--speculative", "3", "--max-batch-size", "4"]);
+    assert!(server.stderr.lock().unwrap().contains("drafting 3 tokens for it to verify"));
+    let prompts = ["Hello there", "What is 2 + 2?", "a", "a longer prompt here, with more words in it"];
+    let full_alone = |prompt: &str, max: &str| generate_json(&m.full, None, &["--raw", "--prompt", prompt, "--max-new-tokens", max]);
+    for prompt in prompts {
+        let expected = full_alone(prompt, "16");
+        let (status, answer) = server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}));
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["choices"][0]["text"], expected["text"], "{prompt:?}");
+        assert_eq!(answer["usage"]["completion_tokens"], expected["token_ids"].as_array().unwrap().len());
+    }
+    let chat = generate_json(&m.full, None, &["--prompt", "What is 2 + 2?", "--max-new-tokens", "12"]);
+    let (_, answer) = server.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 12, "temperature": 0}));
+    assert_eq!(answer["choices"][0]["message"]["content"], chat["text"]);
+
+    // A list of prompts is one batch whose rows keep different numbers of drafts.
+    let (status, answer) = server.post("/v1/completions", &json!({"prompt": prompts, "max_tokens": 9, "temperature": 0, "ignore_eos": true}));
+    assert_eq!(status, 200, "{answer}");
+    for (i, prompt) in prompts.iter().enumerate() {
+        let expected = generate_json(&m.full, None, &["--raw", "--prompt", prompt, "--max-new-tokens", "9", "--stop-ids", "none"]);
+        assert_eq!(answer["choices"][i]["text"], expected["text"], "batch row {i}");
+    }
+
+    // Requests arriving while others decode join the running batch (continuous batching).
+    let expected: Vec<Value> = prompts.iter().zip([20, 7, 13, 5]).map(|(p, n)| full_alone(p, &n.to_string())).collect();
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .zip([20, 7, 13, 5])
+            .enumerate()
+            .map(|(i, (prompt, max_tokens))| {
+                let server = &server;
+                scope.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(40 * i as u64));
+                    server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})).1
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((answer, expected), prompt) in answers.iter().zip(&expected).zip(prompts) {
+        assert_eq!(answer["choices"][0]["text"], expected["text"], "concurrent {prompt:?}");
+    }
+
+    // Sampling: the full model's own steps, so its own seeded samples.
+    let expected = generate_json(&m.full, None, &["--raw", "--prompt", "Once", "--max-new-tokens", "10", "--temperature", "0.9", "--top-k", "50", "--seed", "7"]);
+    let (_, answer) = server.post("/v1/completions", &json!({"prompt": "Once", "max_tokens": 10, "temperature": 0.9, "top_k": 50, "seed": 7}));
+    assert_eq!(answer["choices"][0]["text"], expected["text"], "sampled");
+
+    let (proposed, accepted) = (server.metric("overfill_speculative_proposed_tokens_total"), server.metric("overfill_speculative_accepted_tokens_total"));
+    // Rows kept some drafts and rejected others: both paths of a round ran.
+    assert!(accepted > 0.0 && accepted < proposed, "proposed {proposed}, accepted {accepted}");
+    drop(server);
+
+    // The full model drafting for itself agrees with itself every time.
+    let server = Server::start(&m.full, Some(&m.full), &["--speculative", "4"]);
+    let (_, answer) = server.post("/v1/completions", &json!({"prompt": "Hello there", "max_tokens": 14, "temperature": 0, "ignore_eos": true}));
+    assert_eq!(answer["choices"][0]["text"], generate_json(&m.full, None, &["--raw", "--prompt", "Hello there", "--max-new-tokens", "14", "--stop-ids", "none"])["text"]);
+    let (proposed, accepted) = (server.metric("overfill_speculative_proposed_tokens_total"), server.metric("overfill_speculative_accepted_tokens_total"));
+    assert!(proposed > 0.0 && accepted == proposed, "proposed {proposed}, accepted {accepted}");
+
+    // Refused before loading anything.
+    for (args, error) in [(vec!["--speculative", "2"], "--decoder"), (vec!["--decoder", m.pruned.as_str(), "--speculative", "0"], "at least 1 draft token")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_overfill")).args([&["serve", "--model", m.full.as_str(), "--port", "0"][..], &args].concat()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(error), "{stderr}");
+    }
+}
+
 #[test]
 fn openai_client_and_lm_eval_against_the_server() {
     let m = models();

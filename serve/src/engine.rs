@@ -11,6 +11,13 @@
 //!
 //! This is `overfill_model::generate::generate` unrolled so that rows can come and go: for one
 //! sequence alone it runs the same tensor operations, so greedy output equals `overfill generate`.
+//!
+//! With `--speculative K` (and a decoder) every answer is the full model's own: while all running
+//! rows are greedy, a step is a round of speculative decoding (`overfill_model::speculative::round`:
+//! the decoder drafts up to K tokens, the full model verifies them in one pass, each row keeps its
+//! agreed prefix plus the full model's token); while any row samples, the step is the full
+//! model's own plain step (lossless, without the speed-up: the per-row speculative-sampling rule
+//! is not in the server yet).
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +28,7 @@ use crossbeam_channel::{Receiver, Sender};
 use overfill_model::generate::{left_pad, prefill, Prefill};
 use overfill_model::kv_cache::KvCache;
 use overfill_model::sampling::{Sampler, Sampling};
+use overfill_model::speculative;
 use overfill_model::transformer::Transformer;
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
@@ -151,6 +159,9 @@ pub struct Models {
     pub prefill: Transformer,
     /// Decodes every later token; `None` = the prefill model decodes too.
     pub decode: Option<Transformer>,
+    /// `Some(K)` with `decode`: `decode` drafts up to K tokens per step and `prefill` verifies
+    /// them (lossless two-stage decoding).
+    pub speculative: Option<usize>,
 }
 
 /// Marks the engine stopped however its thread ends (a panic included) and wakes whoever
@@ -412,11 +423,16 @@ impl Engine {
         Ok(cache)
     }
 
-    /// One token for every running row through the decode model.
+    /// One token for every running row through the decode model (with `--speculative`: one
+    /// speculative round, or the full model's own step while a row samples).
     fn decode_step(&mut self) -> Result<()> {
         self.remove_done_rows()?;
         if self.rows.is_empty() {
             return Ok(());
+        }
+        let all_greedy = self.rows.iter().all(|r| *r.sampler.sampling() == Sampling::Greedy);
+        if let (Some(k), true) = (self.models.speculative, all_greedy) {
+            return self.speculative_step(k);
         }
         let rows = self.rows.len() as i64;
         let device = self.models.prefill.device();
@@ -439,7 +455,11 @@ impl Engine {
         };
         let ones = Tensor::ones([rows, 1], (Kind::Int64, device));
         let mask = Tensor::cat(&[cached_mask, &ones], 1);
-        let model = self.models.decode.as_ref().unwrap_or(&self.models.prefill);
+        // Speculative serving promises the full model's answers: its own step while a row samples.
+        let model = match (&self.models.decode, self.models.speculative) {
+            (Some(decoder), None) => decoder,
+            _ => &self.models.prefill,
+        };
         // Every running row's last id was sampled from the models' shared vocabulary (a row
         // enters the batch with its first token): no per-step range check, no device sync.
         let logits = model
@@ -468,6 +488,59 @@ impl Engine {
                 return Err(e);
             }
         }
+        self.remove_done_rows()
+    }
+
+    /// One round of speculative decoding for the running (greedy) rows: each gets its kept drafts
+    /// and the full model's own token, 1 to K + 1 tokens.
+    fn speculative_step(&mut self, draft_len: usize) -> Result<()> {
+        let Some(decoder) = self.models.decode.as_ref() else {
+            bail!("internal: --speculative without a decoder");
+        };
+        let rows = self.rows.len() as i64;
+        let device = self.models.prefill.device();
+        let start = Instant::now();
+        let pending: Vec<i64> = self.rows.iter().map(|r| r.generated.last().copied().unwrap_or(self.pad_token_id)).collect();
+        let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
+        let pending = Tensor::from_slice(&pending).view([rows, 1]).to_device(device);
+        let positions = Tensor::from_slice(&positions).view([rows, 1]).to_device(device);
+        // A row with r tokens still to generate can use r - 1 drafts (the full model adds one).
+        let k = self
+            .rows
+            .iter()
+            .map(|r| r.sequence.params.max_tokens.saturating_sub(r.generated.len() + 1))
+            .max()
+            .unwrap_or(0)
+            .min(draft_len);
+        let Some(cache) = self.cache.as_mut() else {
+            bail!("internal: running rows without a KV cache");
+        };
+        let Some(mask) = cache.attention_mask().map(|m| m.shallow_clone()) else {
+            bail!("internal: a KV cache that was never written");
+        };
+        let mut sampler = Sampler::new(Sampling::Greedy);
+        let active = vec![true; self.rows.len()];
+        let round = speculative::round(&self.models.prefill, decoder, cache, &mut sampler, &pending, &positions, &mask, k, &active)
+            .context("speculative decode step")?;
+        let seconds = start.elapsed().as_secs_f64();
+        let tokens: usize = round.tokens.iter().map(Vec::len).sum();
+        self.metrics.decode_seconds.inc_by(seconds);
+        self.metrics.decode_step_seconds.observe(seconds);
+        self.metrics.batch_size.observe(rows as f64);
+        self.metrics.decode_tokens_per_second.set(tokens as f64 / seconds.max(1e-9));
+        self.metrics.speculative_proposed.inc_by((k * self.rows.len()) as u64);
+        self.metrics.speculative_accepted.inc_by((tokens - self.rows.len()) as u64);
+        let mut batch = std::mem::take(&mut self.rows);
+        for (row, new_tokens) in batch.iter_mut().zip(&round.tokens) {
+            for &id in new_tokens {
+                row.position += 1;
+                self.accept_token(row, id);
+                if row.finished {
+                    break;
+                }
+            }
+        }
+        self.rows = batch;
         self.remove_done_rows()
     }
 

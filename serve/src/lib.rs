@@ -52,6 +52,9 @@ pub struct ServeOptions {
     pub config: ModelConfig,
     /// Two-stage serving: the pruned decoder, checked against the model when loaded.
     pub decoder_dir: Option<PathBuf>,
+    /// Lossless two-stage serving (`--speculative K`, needs the decoder): the decoder drafts up to
+    /// K tokens, the model verifies them; every answer is the model's own.
+    pub speculative: Option<usize>,
     pub device: Device,
     pub dtype: Kind,
     /// Intra-op threads for libtorch (default: libtorch's own choice).
@@ -80,6 +83,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         model_dir,
         config,
         decoder_dir,
+        speculative,
         device,
         dtype,
         threads,
@@ -119,7 +123,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
             }
             None => None,
         };
-        Ok(Models { prefill, decode })
+        Ok(Models { prefill, decode, speculative })
     };
     let engine_stopped = Arc::new(tokio::sync::Notify::new());
     let (engine, engine_thread) = engine::spawn(

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub decode_step_seconds: Histogram,
     pub batch_size: Histogram,
+    /// `--speculative`: draft tokens the decoder proposed, and those the full model kept.
+    pub speculative_proposed: IntCounter,
+    pub speculative_accepted: IntCounter,
 }
 
 /// Latency buckets from 5 ms to 2 minutes.
@@ -104,6 +107,14 @@ impl Metrics {
             HistogramOpts::new("overfill_decode_batch_size", "Rows per decode step")
                 .buckets(prometheus::exponential_buckets(1.0, 2.0, 10)?),
         )?;
+        let speculative_proposed = IntCounter::new(
+            "overfill_speculative_proposed_tokens_total",
+            "Draft tokens the decoder proposed (--speculative)",
+        )?;
+        let speculative_accepted = IntCounter::new(
+            "overfill_speculative_accepted_tokens_total",
+            "Draft tokens the full model kept (--speculative); over proposed: the acceptance rate",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(running.clone()))?;
@@ -118,6 +129,8 @@ impl Metrics {
         registry.register(Box::new(time_to_first_token.clone()))?;
         registry.register(Box::new(decode_step_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(speculative_proposed.clone()))?;
+        registry.register(Box::new(speculative_accepted.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -134,6 +147,8 @@ impl Metrics {
             time_to_first_token,
             decode_step_seconds,
             batch_size,
+            speculative_proposed,
+            speculative_accepted,
         })
     }
 
