@@ -21,9 +21,9 @@ build: setup
 test: setup
     cargo test --release --workspace
 
-# The paper's claim at small scale on a CPU: tasks whose answers depend on the prompt, a full model
-# trained from scratch, pruned at P = 0.5, OverFill vs Pruned decoders, a Table-2-style table and the
-# latency plot in work/demo/ (--quick: the shortened run CI checks, in work/demo-quick/).
+# The paper's Table 2 on a real model, on a CPU: SmolLM2-135M-Instruct pruned at P = 0.5, OverFill vs
+# Pruned decoders over seeds 0,1,2 on WordNet's definitions, results.md + curves in work/demo/
+# (--seeds LIST; --quick: the from-scratch toy CI checks, in work/demo-quick/; --toy: the full toy).
 demo *flags: build
     bash scripts/demo.sh {{flags}}
 
