@@ -6,10 +6,13 @@
 //! (`tests/python/bench_train.py`), `scripts/gpu-check.sh` times the real 3B→1B shapes on CUDA
 //! and prints the model FLOPs utilisation (MFU) against a given peak, and the memory planner's
 //! test (`pipeline/tests/memory_plan_cli.rs`) compares the planner's peak (`train::memory_plan`)
-//! with the peak this process really reached.
+//! with the peak this process really reached: the most bytes of tensors alive at once (on a CPU
+//! counted by the shim's allocator wrapper, on CUDA the caching allocator's own peak) and the
+//! peak resident set above start-up.
 //!
 //! `--activation-checkpointing` measures the step with recomputation first, then without, in one
-//! process (the peak resident set is reset in between: Linux `clear_refs`), side by side.
+//! process (both peaks are reset in between; the resident set's with Linux `clear_refs`), side
+//! by side.
 use std::path::PathBuf;
 use std::time::Instant;
 

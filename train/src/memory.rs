@@ -8,7 +8,7 @@ pub struct MemoryStats {
     /// Peak resident set size of the process so far (Linux `VmHWM`).
     pub peak_rss_bytes: Option<u64>,
     /// Peak CUDA memory allocated by the caching allocator (`torch.cuda.max_memory_allocated`).
-    /// Not filled here: the trainer sets it on CUDA once it can query the allocator.
+    /// Not filled here: the trainer sets it on CUDA (`cuda_tensor_bytes`).
     pub cuda_peak_allocated_bytes: Option<u64>,
 }
 

@@ -24,7 +24,7 @@ use crate::dist::train::StepOptimizer;
 use crate::eval::evaluate_across_ranks;
 use crate::events::EventWriter;
 use crate::loader::{Loader, LoaderConfig, StepBatches, StepPosition};
-use crate::memory::process_memory;
+use crate::memory::{cuda_tensor_bytes, process_memory};
 use crate::optimizer::{clip_coefficient, learning_rate, warmup_steps, AdamWConfig};
 use crate::reducer::GradientReducer;
 use crate::inputs::RunInputs;
@@ -368,8 +368,12 @@ impl<'a> Trainer<'a> {
             if window.predicted_tokens > 0.0 {
                 scalars.push(("train/loss", window_loss));
             }
-            let memory = process_memory().scalars();
-            scalars.extend(memory.iter().copied());
+            let mut memory = process_memory();
+            if let Device::Cuda(i) = self.device {
+                // The caching allocator's peak since the run started (the planner's GPU check).
+                memory.cuda_peak_allocated_bytes = cuda_tensor_bytes(i).map(|b| b.peak);
+            }
+            scalars.extend(memory.scalars());
             events.scalars(step, &scalars)?;
         }
         if let Some(file) = &mut self.log_file {
