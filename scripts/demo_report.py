@@ -88,13 +88,18 @@ def main():
     margin = 2 * max(of_std, pr_std)
     summary["overfill_below_pruned_by"] = pr_mean - of_mean
     summary["twice_the_larger_std"] = margin
-    summary["overfill_beats_pruned_beyond_spread"] = pr_mean - of_mean > margin
+    # One seed has no spread: say so rather than compare with a standard deviation of 0.
+    one_seed = len(seeds) < 2
+    summary["overfill_beats_pruned_beyond_spread"] = None if one_seed else pr_mean - of_mean > margin
     before = summary["target_loss_before_training"]
-    verdict = "more than" if pr_mean - of_mean > margin else "NOT more than"
+    if one_seed:
+        verdict = "with one seed there is no spread to compare it with (run --seeds 0,1,2)"
+    else:
+        verdict = ("more than" if pr_mean - of_mean > margin else "NOT more than") + f" twice the larger std ({margin:.4f})"
     note = (f"Seeds {', '.join(seeds)} (mean ± sample std over seeds; Full is one model). Held-out target loss: "
             f"{systems['full']['target_tokens']} answer tokens of {systems['full']['prompts']} held-out questions "
             f"about words never trained on. OverFill's mean is below Pruned's by {pr_mean - of_mean:.4f}, "
-            f"{verdict} twice the larger std ({margin:.4f}). Before decoder training: OverFill "
+            f"{verdict}. Before decoder training: OverFill "
             f"{before['overfill']:.4f}, Pruned {before['pruned']:.4f}. ROUGE-L F1 of greedy answers "
             f"(≤ 48 tokens) against WordNet's glosses; decode tok/s: batch 1, 64 new tokens, one thread (bench-latency).")
 
