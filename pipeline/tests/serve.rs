@@ -447,7 +447,6 @@ fn speculative_serving_answers_with_the_full_models_greedy_output() {
     overfill_ok(&["calibrate-prune", "--model", &path("full"), "--data", &path("calib.json"), "--out", &path("pruned"), "--width-hidden", "0.5", "--width-intermediate", "0.5", "--calib-size", "4", "--batch-size", "2", "--device", "cpu"]);
     let m = Models { full: path("full"), pruned: path("pruned"), _dir: tempfile::tempdir().unwrap() };
     let server = Server::start(&m.full, Some(&m.pruned), &["--speculative", "3", "--max-batch-size", "4"]);
-    assert!(server.stderr.lock().unwrap().contains("drafting 3 tokens for it to verify"));
     let prompts = ["Hello there", "What is 2 + 2?", "a", "a longer prompt here, with more words in it"];
     let full_alone = |prompt: &str, max: &str| generate_json(&m.full, None, &["--raw", "--prompt", prompt, "--max-new-tokens", max]);
     for prompt in prompts {
@@ -457,6 +456,8 @@ fn speculative_serving_answers_with_the_full_models_greedy_output() {
         assert_eq!(answer["choices"][0]["text"], expected["text"], "{prompt:?}");
         assert_eq!(answer["usage"]["completion_tokens"], expected["token_ids"].as_array().unwrap().len());
     }
+    // (Read after the first answers: the log thread hands over the address before it logs the line.)
+    assert!(server.stderr.lock().unwrap().contains("drafting 3 tokens for it to verify"));
     let chat = generate_json(&m.full, None, &["--prompt", "What is 2 + 2?", "--max-new-tokens", "12"]);
     let (_, answer) = server.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 12, "temperature": 0}));
     assert_eq!(answer["choices"][0]["message"]["content"], chat["text"]);

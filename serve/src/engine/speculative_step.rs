@@ -1,0 +1,65 @@
+//! The engine's decode step under `--speculative K`: one round of lossless two-stage decoding
+//! for every running row (all greedy; see the engine's module documentation).
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use overfill_model::sampling::{Sampler, Sampling};
+use overfill_model::speculative;
+use tch::Tensor;
+
+use super::Engine;
+
+impl Engine {
+    /// One round of speculative decoding for the running (greedy) rows: each gets its kept drafts
+    /// and the full model's own token, 1 to K + 1 tokens.
+    pub(super) fn speculative_step(&mut self, draft_len: usize) -> Result<()> {
+        let Some(decoder) = self.models.decode.as_ref() else {
+            bail!("internal: --speculative without a decoder");
+        };
+        let rows = self.rows.len() as i64;
+        let device = self.models.prefill.device();
+        let start = Instant::now();
+        let pending: Vec<i64> = self.rows.iter().map(|r| r.generated.last().copied().unwrap_or(self.pad_token_id)).collect();
+        let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
+        let pending = Tensor::from_slice(&pending).view([rows, 1]).to_device(device);
+        let positions = Tensor::from_slice(&positions).view([rows, 1]).to_device(device);
+        // A row with r tokens still to generate can use r - 1 drafts (the full model adds one).
+        let k = self
+            .rows
+            .iter()
+            .map(|r| r.sequence.params.max_tokens.saturating_sub(r.generated.len() + 1))
+            .max()
+            .unwrap_or(0)
+            .min(draft_len);
+        let Some(cache) = self.cache.as_mut() else {
+            bail!("internal: running rows without a KV cache");
+        };
+        let Some(mask) = cache.attention_mask().map(|m| m.shallow_clone()) else {
+            bail!("internal: a KV cache that was never written");
+        };
+        let mut sampler = Sampler::new(Sampling::Greedy);
+        let active = vec![true; self.rows.len()];
+        let round = speculative::round(&self.models.prefill, decoder, cache, &mut sampler, &pending, &positions, &mask, k, &active)
+            .context("speculative decode step")?;
+        let seconds = start.elapsed().as_secs_f64();
+        let tokens: usize = round.tokens.iter().map(Vec::len).sum();
+        self.metrics.decode_seconds.inc_by(seconds);
+        self.metrics.decode_step_seconds.observe(seconds);
+        self.metrics.batch_size.observe(rows as f64);
+        self.metrics.decode_tokens_per_second.set(tokens as f64 / seconds.max(1e-9));
+        self.metrics.speculative_proposed.inc_by((k * self.rows.len()) as u64);
+        self.metrics.speculative_accepted.inc_by((tokens - self.rows.len()) as u64);
+        let mut batch = std::mem::take(&mut self.rows);
+        for (row, new_tokens) in batch.iter_mut().zip(&round.tokens) {
+            for &id in new_tokens {
+                row.position += 1;
+                self.accept_token(row, id);
+                if row.finished {
+                    break;
+                }
+            }
+        }
+        self.rows = batch;
+        self.remove_done_rows()
+    }
+}
