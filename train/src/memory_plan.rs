@@ -12,20 +12,25 @@
 //!   while a micro-batch's gradients are reduce-scattered.
 //! - activations (`overfill_model::train::backward_loss_sum`): the full model's K/V of every
 //!   layer (the prefill runs without grad, one layer's temporaries at a time); what autograd
-//!   keeps of each decoder layer per computed slot — both RMSNorms' fp32 input and normed output,
-//!   the projections' inputs, the attention's queries, output and log-sum-exp and its keys and
-//!   values (in OverFill mode concatenated with the full model's, so every layer keeps a copy of
-//!   the context's K/V), the MLP's gate, SiLU, up and product; RoPE keeps nothing per slot (its
-//!   tables are shared). The LM head and loss run in blocks with each block's backward at once,
-//!   so one block's logits, log-softmax and their gradients exist at a time. With activation
-//!   recomputation the layers keep only their inputs, and one layer's activations exist during
-//!   its recomputed backward.
+//!   keeps of each decoder layer per computed slot — both RMSNorms' fp32 input, normalised value
+//!   and output, the queries before RoPE, their rotated half and the result, the keys before RoPE
+//!   and rotated, the attention's output, its contiguous copy for o_proj and its log-sum-exp, and
+//!   the keys and values attended over (in OverFill mode concatenated with the full model's, so
+//!   every layer keeps a copy of the context's K/V), the MLP's gate, SiLU, up and product. The LM
+//!   head and loss run in blocks with each block's backward at once, so one block's log-softmax
+//!   and two gradients of its size exist at a time. The peak is the larger of the loss phase and
+//!   a layer's backward (its input and output gradients and temporaries). With activation
+//!   recomputation the layers keep only their inputs: the loss phase runs over those, and the
+//!   layer phase holds one layer's recomputed activations.
+//!
+//! Checked against libtorch's counted CPU tensor bytes by `pipeline/tests/memory_plan_cli.rs`
+//! (three shapes, two batch sizes, with and without recomputation: within 1.6%).
 //! - the optimizer step (after the backward has freed the activations): AdamW's temporaries of
 //!   the largest parameter (replicated) or of the slice, and ZeRO's gather bucket.
 //!
 //! Not counted: the data batch (a few integers per token), the CUDA context and the caching
-//! allocator's fragmentation (on a GPU), libtorch's own buffers. `overfill bench-train` measures
-//! the difference on a CPU; the README states it.
+//! allocator's fragmentation (on a GPU: `budget` keeps a margin for them), libtorch's own buffers
+//! and glibc's free lists (on a CPU the resident set is 1.3–1.6× the planned peak).
 use overfill_model::config::ModelConfig;
 
 use crate::config::TrainMode;
