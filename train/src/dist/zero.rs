@@ -159,14 +159,11 @@ impl ShardedAdamW {
         for (start, len) in self.buckets() {
             let input = Tensor::zeros([world * len], (Kind::Float, device));
             tch::no_grad(|| {
-                for r in 0..world {
-                    let lo = r * self.shard + start;
-                    for piece in self.pieces(lo, lo + len) {
-                        let grad = self.slots[piece.slot].param.grad();
-                        if grad.defined() {
-                            let values = grad.reshape([-1]).narrow(0, piece.in_param, piece.len);
-                            input.narrow(0, r * len + piece.in_range, piece.len).copy_(&values);
-                        }
+                for piece in self.bucket_pieces(start, len) {
+                    let grad = self.slots[piece.slot].param.grad();
+                    if grad.defined() {
+                        let values = grad.reshape([-1]).narrow(0, piece.in_param, piece.len);
+                        input.narrow(0, piece.in_bucket, piece.len).copy_(&values);
                     }
                 }
             });
@@ -222,17 +219,14 @@ impl ShardedAdamW {
             let gathered = Tensor::zeros([world * len], (Kind::Float, self.master.device()));
             reducer.all_gather(&gathered, &self.master.narrow(0, start, len))?;
             tch::no_grad(|| -> Result<()> {
-                for r in 0..world {
-                    let lo = r * self.shard + start;
-                    for piece in self.pieces(lo, lo + len) {
-                        let param = &self.slots[piece.slot].param;
-                        let values = gathered.narrow(0, r * len + piece.in_range, piece.len);
-                        param
-                            .f_view([-1])
-                            .context("a parameter is not contiguous")?
-                            .narrow(0, piece.in_param, piece.len)
-                            .copy_(&values.to_kind(param.kind()));
-                    }
+                for piece in self.bucket_pieces(start, len) {
+                    let param = &self.slots[piece.slot].param;
+                    let values = gathered.narrow(0, piece.in_bucket, piece.len);
+                    param
+                        .f_view([-1])
+                        .context("a parameter is not contiguous")?
+                        .narrow(0, piece.in_param, piece.len)
+                        .copy_(&values.to_kind(param.kind()));
                 }
                 Ok(())
             })?;
@@ -246,16 +240,20 @@ impl ShardedAdamW {
         (0..self.shard).step_by(chunk as usize).map(|start| (start, chunk.min(self.shard - start))).collect()
     }
 
-    /// The parts of parameters inside the flat range [lo, hi) (padding has none).
-    fn pieces(&self, lo: i64, hi: i64) -> Vec<Piece> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| {
+    /// The parts of parameters in the bucket [start, start + len) of every rank's slice, each with
+    /// its place in the bucket's buffer (rank r's stretch at r · len; padding has no part).
+    fn bucket_pieces(&self, start: i64, len: i64) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        for r in 0..self.world_size as i64 {
+            let (lo, hi) = (r * self.shard + start, r * self.shard + start + len);
+            for (slot, s) in self.slots.iter().enumerate() {
                 let (from, to) = (s.offset.max(lo), (s.offset + s.numel).min(hi));
-                (from < to).then_some(Piece { slot, in_param: from - s.offset, in_range: from - lo, len: to - from })
-            })
-            .collect()
+                if from < to {
+                    pieces.push(Piece { slot, in_param: from - s.offset, in_bucket: r * len + from - lo, len: to - from });
+                }
+            }
+        }
+        pieces
     }
 
     /// This rank's slice: masters, moments and the layout it belongs to (rank, world size, total).
@@ -303,12 +301,12 @@ impl ShardedAdamW {
     }
 }
 
-/// The part of one parameter inside a flat range.
+/// The part of one parameter inside a bucket.
 struct Piece {
     slot: usize,
-    /// Offset in the flattened parameter and in the range; elements.
+    /// Offset in the flattened parameter and in the bucket's buffer; elements.
     in_param: i64,
-    in_range: i64,
+    in_bucket: i64,
     len: i64,
 }
 
