@@ -438,16 +438,7 @@ impl Engine {
         let rows = self.rows.len() as i64;
         let device = self.models.prefill.device();
         let start = Instant::now();
-        let ids: Vec<i64> = self
-            .rows
-            .iter()
-            .map(|r| r.generated.last().copied().unwrap_or(self.pad_token_id))
-            .collect();
-        let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
-        let ids = Tensor::from_slice(&ids).view([rows, 1]).to_device(device);
-        let positions = Tensor::from_slice(&positions)
-            .view([rows, 1])
-            .to_device(device);
+        let (ids, positions) = self.newest_tokens();
         let Some(cache) = self.cache.as_mut() else {
             bail!("internal: running rows without a KV cache");
         };
@@ -469,13 +460,7 @@ impl Engine {
             .select(1, 0); // [B, V]
         let mut batch = std::mem::take(&mut self.rows);
         let next = choose(&logits, &mut batch);
-        let seconds = start.elapsed().as_secs_f64();
-        self.metrics.decode_seconds.inc_by(seconds);
-        self.metrics.decode_step_seconds.observe(seconds);
-        self.metrics.batch_size.observe(rows as f64);
-        self.metrics
-            .decode_tokens_per_second
-            .set(rows as f64 / seconds.max(1e-9));
+        self.record_decode_step(rows as usize, rows as usize, start);
         match next {
             Ok(next) => {
                 for (row, id) in batch.iter_mut().zip(next) {
@@ -490,6 +475,35 @@ impl Engine {
             }
         }
         self.remove_done_rows()
+    }
+
+    /// Every running row's newest token (chosen, not yet in the cache) and its rope position,
+    /// both [B, 1] on the models' device.
+    fn newest_tokens(&self) -> (Tensor, Tensor) {
+        let rows = self.rows.len() as i64;
+        let device = self.models.prefill.device();
+        let ids: Vec<i64> = self
+            .rows
+            .iter()
+            .map(|r| r.generated.last().copied().unwrap_or(self.pad_token_id))
+            .collect();
+        let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
+        (
+            Tensor::from_slice(&ids).view([rows, 1]).to_device(device),
+            Tensor::from_slice(&positions).view([rows, 1]).to_device(device),
+        )
+    }
+
+    /// The decode metrics of one step that began at `start` and gave `tokens` tokens to `rows`
+    /// rows.
+    fn record_decode_step(&self, rows: usize, tokens: usize, start: Instant) {
+        let seconds = start.elapsed().as_secs_f64();
+        self.metrics.decode_seconds.inc_by(seconds);
+        self.metrics.decode_step_seconds.observe(seconds);
+        self.metrics.batch_size.observe(rows as f64);
+        self.metrics
+            .decode_tokens_per_second
+            .set(tokens as f64 / seconds.max(1e-9));
     }
 
     /// Finished rows and rows whose client went away leave the batch and its cache.

@@ -5,8 +5,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use overfill_model::sampling::{Sampler, Sampling};
 use overfill_model::speculative;
-use tch::Tensor;
-
 use super::Engine;
 
 impl Engine {
@@ -16,13 +14,8 @@ impl Engine {
         let Some(decoder) = self.models.decode.as_ref() else {
             bail!("internal: --speculative without a decoder");
         };
-        let rows = self.rows.len() as i64;
-        let device = self.models.prefill.device();
         let start = Instant::now();
-        let pending: Vec<i64> = self.rows.iter().map(|r| r.generated.last().copied().unwrap_or(self.pad_token_id)).collect();
-        let positions: Vec<i64> = self.rows.iter().map(|r| r.position).collect();
-        let pending = Tensor::from_slice(&pending).view([rows, 1]).to_device(device);
-        let positions = Tensor::from_slice(&positions).view([rows, 1]).to_device(device);
+        let (pending, positions) = self.newest_tokens();
         // A row with r tokens still to generate can use r - 1 drafts (the full model adds one).
         let k = self
             .rows
@@ -41,12 +34,8 @@ impl Engine {
         let active = vec![true; self.rows.len()];
         let round = speculative::round(&self.models.prefill, decoder, cache, &mut sampler, &pending, &positions, &mask, k, &active)
             .context("speculative decode step")?;
-        let seconds = start.elapsed().as_secs_f64();
         let tokens: usize = round.tokens.iter().map(Vec::len).sum();
-        self.metrics.decode_seconds.inc_by(seconds);
-        self.metrics.decode_step_seconds.observe(seconds);
-        self.metrics.batch_size.observe(rows as f64);
-        self.metrics.decode_tokens_per_second.set(tokens as f64 / seconds.max(1e-9));
+        self.record_decode_step(self.rows.len(), tokens, start);
         self.metrics.speculative_proposed.inc_by((k * self.rows.len()) as u64);
         self.metrics.speculative_accepted.inc_by((tokens - self.rows.len()) as u64);
         let mut batch = std::mem::take(&mut self.rows);
