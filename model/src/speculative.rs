@@ -241,12 +241,12 @@ pub fn round(
     // Each row's new tokens: its kept drafts, then the full model's own.
     let mut kept_slots = 1;
     let mut new_tokens = Vec::with_capacity(active.len());
-    for (row, round) in host.chunks(k + 2).enumerate() {
-        let accepted = round[k] as usize;
+    for (row, row_host) in host.chunks(k + 2).enumerate() {
+        let accepted = row_host[k] as usize;
         if active.get(row).copied().unwrap_or(true) {
             kept_slots = kept_slots.max(accepted + 1);
         }
-        new_tokens.push(round[..accepted].iter().chain([&round[k + 1]]).copied().collect());
+        new_tokens.push(row_host[..accepted].iter().chain([&row_host[k + 1]]).copied().collect());
     }
     // Row b keeps its newest token and its accepted drafts: slots base..=base+accepted[b].
     let mask = keep_accepted_slots(cache, mask, base, kept_slots, &verdict.accepted)?;

@@ -23,6 +23,16 @@ pub(super) enum KvSource<'a> {
     Record(&'a mut Vec<(Tensor, Tensor)>),
 }
 
+impl<'a> KvSource<'a> {
+    /// Another model's per-layer K/V to attend to first (only read), or none.
+    pub(super) fn reading(past: Option<&'a [(Tensor, Tensor)]>) -> Self {
+        match past {
+            Some(past) => KvSource::Past(past),
+            None => KvSource::None,
+        }
+    }
+}
+
 impl<'a> From<Option<&'a mut KvCache>> for KvSource<'a> {
     fn from(cache: Option<&'a mut KvCache>) -> Self {
         match cache {

@@ -124,11 +124,7 @@ impl Transformer {
         past: Option<&[(Tensor, Tensor)]>,
         tokens: SpanTokens,
     ) -> Result<Tensor> {
-        let kv = match past {
-            Some(past) => KvSource::Past(past),
-            None => KvSource::None,
-        };
-        self.hidden(ids, positions, attention_mask, kv, None, tokens)
+        self.hidden(ids, positions, attention_mask, KvSource::reading(past), None, tokens)
     }
 
     /// The frozen prefill (no grad): per layer (K, V) after RoPE, each [B, KV, T, hd] in the
@@ -215,8 +211,12 @@ impl Transformer {
             self.kind(),
             tokens,
         );
-        let x = Tensor::embedding(&self.embed_tokens, &span.pack(ids), -1, false, false);
-        Ok((x, span))
+        Ok((self.embed(ids, &span), span))
+    }
+
+    /// The embeddings of the span's computed slots, [R, D] (or [B, T, D] when all are computed).
+    pub(super) fn embed(&self, ids: &Tensor, span: &Span) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, &span.pack(ids), -1, false, false)
     }
 
     /// Checks the inputs so that the tensor ops cannot fail on user data; returns the number of

@@ -31,10 +31,7 @@ impl Transformer {
         tokens: SpanTokens,
         head: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let mut kv = match past {
-            Some(past) => KvSource::Past(past),
-            None => KvSource::None,
-        };
+        let mut kv = KvSource::reading(past);
         // Forward without a graph, keeping each layer's input ([R, D] each).
         let (mut x, span) = tch::no_grad(|| self.embed_span(ids, positions, attention_mask, &kv, tokens))?;
         let mut layer_inputs = Vec::with_capacity(self.layers.len());
@@ -57,8 +54,8 @@ impl Transformer {
             backward_with_gradient(&output, &grad).with_context(|| format!("recomputed backward of layer {i}"))?;
             grad = input.grad();
         }
-        let embedded = Tensor::embedding(&self.embed_tokens, &span.pack(ids), -1, false, false);
-        backward_with_gradient(&embedded, &grad).context("backward of the embedding")?;
+        // The embedding again, now with a graph (the forward's ran without one).
+        backward_with_gradient(&self.embed(ids, &span), &grad).context("backward of the embedding")?;
         Ok(result)
     }
 }
