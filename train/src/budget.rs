@@ -9,12 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use overfill_model::checkpoint::{parse_device, parse_dtype};
 use overfill_model::config::ModelConfig;
 use overfill_model::prune::{dry_run as prune_dry_run, Width};
-
-use overfill_model::checkpoint::parse_device;
 use overfill_model::train::logits_block_bytes;
-use tch::Device;
+use tch::{Device, Kind};
 
 use crate::config::{TrainMode, TrainSection};
 use crate::memory_plan::{plan, MemoryPlan, StepShape};
@@ -136,8 +135,10 @@ fn read_shapes(settings: &Settings, planned: &PlannedWidths) -> Result<Shapes> {
     Ok(Shapes { full, decoder, decoder_source })
 }
 
+/// Whether the recipe computes in bf16/f16 (fp32 masters); the recipe's dtype was checked by
+/// `parse_dtype` when it was read, an unreadable one plans as half precision.
 fn is_half(dtype: &str) -> bool {
-    !matches!(dtype.trim().to_ascii_lowercase().as_str(), "f32" | "float32" | "fp32")
+    parse_dtype(dtype).map_or(true, |kind| kind != Kind::Float)
 }
 
 fn print_plan(settings: &Settings, dry: &DryRun, gpu_memory_gib: f64) {
