@@ -474,7 +474,8 @@ fn summarize(
 /// time over the full model's.
 fn speculative_summary(args: &Args, rows: &[Row]) -> serde_json::Value {
     let mut out = Vec::new();
-    for batch in [1, args.batch] {
+    let batches = if args.batch == 1 { vec![1] } else { vec![1, args.batch] };
+    for batch in batches {
         let Some(full) = at(rows, batch, args.prompt_len, args.gen_len, "full") else { continue };
         for &k in &args.speculative {
             if let Some(r) = at(rows, batch, args.prompt_len, args.gen_len, &format!("speculative-k{k}")) {
@@ -485,9 +486,6 @@ fn speculative_summary(args: &Args, rows: &[Row]) -> serde_json::Value {
                     "decode_seconds_over_full": r.decode.mean / full.decode.mean,
                 }));
             }
-        }
-        if batch == args.batch {
-            break;
         }
     }
     json!(out)

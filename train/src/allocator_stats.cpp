@@ -1,9 +1,9 @@
 // Live and peak bytes of libtorch's tensors for `memory.rs`. CUDA: the caching allocator's own
 // statistics (in CUDA builds only). CPU: a counting wrapper around libtorch's own CPU allocator,
 // installed on request (`ofm_count_cpu_allocations`), since libtorch keeps statistics only for
-// CUDA; on a CPU the alternative, the resident set size, also counts freed
-// memory glibc keeps and its fragmentation, which is no measure of what the trainer holds. The
-// memory planner (`memory_plan.rs`) is checked against these counts; RSS is reported beside them.
+// CUDA; on a CPU the alternative, the resident set size, also counts the freed memory glibc keeps
+// and its fragmentation, which is no measure of what the trainer holds. The memory planner
+// (`memory_plan.rs`) is checked against these counts; RSS is reported beside them.
 //
 // Only allocations made after installation are counted (their frees are matched exactly by
 // address), so install it before loading the models.

@@ -1,6 +1,6 @@
 //! The PNG figures of `overfill bench-latency`, styled after the paper's Figures 3–5: one
-//! colour per system (full, pruned, overfill, then any speculative-kK), means with ±1 std error bars, prefill and decode
-//! stacked in the prompt-length figure. The font is embedded (DejaVu Sans), so no system fonts
+//! colour per system (full, pruned, overfill, then any speculative-kK), means with ±1 std error
+//! bars, prefill and decode stacked in the prompt-length figure. The font is embedded (DejaVu Sans), so no system fonts
 //! are needed.
 use std::path::Path;
 use std::sync::Once;
