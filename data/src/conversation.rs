@@ -79,6 +79,21 @@ pub fn normalise(
     turns: Vec<(String, String)>,
     system_prompt: Option<String>,
 ) -> Result<Vec<Message>, Unusable> {
+    let mut messages = normalise_turns(turns, system_prompt)?;
+    let last_assistant = messages
+        .iter()
+        .rposition(|m| m.role == Role::Assistant)
+        .ok_or(Unusable::NoAssistantTurn)?;
+    messages.truncate(last_assistant + 1);
+    Ok(messages)
+}
+
+/// Roles mapped, empty (whitespace-only) turns dropped and the `system_prompt` prepended, as
+/// [`normalise`] does, with every turn kept.
+pub fn normalise_turns(
+    turns: Vec<(String, String)>,
+    system_prompt: Option<String>,
+) -> Result<Vec<Message>, Unusable> {
     let mut messages = Vec::with_capacity(turns.len() + 1);
     for (role_name, content) in turns {
         let role = Role::parse(&role_name).ok_or(Unusable::UnknownRole(role_name))?;
@@ -93,11 +108,6 @@ pub fn normalise(
             messages.insert(0, Message::new(Role::System, prompt));
         }
     }
-    let last_assistant = messages
-        .iter()
-        .rposition(|m| m.role == Role::Assistant)
-        .ok_or(Unusable::NoAssistantTurn)?;
-    messages.truncate(last_assistant + 1);
     Ok(messages)
 }
 

@@ -84,7 +84,7 @@ pub fn shuffle_key(seed: u64, row_id: u64) -> u64 {
 }
 
 /// A uniform number in [0, 1) from the seed and row id (mixing fractions).
-fn sample_unit(seed: u64, row_id: u64) -> f64 {
+pub fn sample_unit(seed: u64, row_id: u64) -> f64 {
     (mix64(mix64(seed ^ 0x5A5A_5A5A_5A5A_5A5A) ^ row_id) >> 11) as f64 / (1u64 << 53) as f64
 }
 

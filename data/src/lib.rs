@@ -10,11 +10,13 @@
 //! - [`preprocess`]: the stage itself (streaming, parallel, resumable).
 //! - [`out_lock`], [`owned_files`]: one run per output folder at a time, and only files a stage
 //!   created are ever deleted or replaced (shared with calibrate-prune and training).
+//! - [`distill`]: prompts and the resumable output folder of `overfill distill` (the full model's answers).
 //! - [`reader`]: random access, length-grouped batches, rank sharding, calibration samples.
 //! - [`synth`]: synthetic datasets and a tiny byte-level tokenizer for tests and the demo.
 //! - [`synth_tasks`]: the demo's tasks (answers depend on the prompt), held-out prompts, a trained BPE tokenizer.
 //! - [`recipe`]: the data part of `configs/*.toml`.
 pub mod conversation;
+pub mod distill;
 pub mod filter;
 pub mod manifest;
 pub mod order;

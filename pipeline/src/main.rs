@@ -8,6 +8,7 @@ mod bench_latency;
 mod bench_train;
 mod calibrate_prune;
 mod config_cmd;
+mod distill;
 mod eval_loss;
 mod eval_tasks;
 mod generate;
@@ -40,6 +41,9 @@ enum Command {
     SynthData(synth_data::Args),
     /// Score channels on calibration data and width-prune a model (KV-cache compatible).
     CalibratePrune(calibrate_prune::Args),
+    /// The full model's greedy answers to a dataset's prompts, as conversations preprocess reads:
+    /// training data for a speculative-decoding drafter (resumable).
+    Distill(distill::Args),
     /// Generation with one model, or two-stage (full-model prefill, --decoder decode).
     Generate(generate::Args),
     /// Latency of full, pruned and OverFill generation vs generation length, prompt length and
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::SynthData(args) => synth_data::run(args),
         Command::CalibratePrune(args) => calibrate_prune::run(args),
+        Command::Distill(args) => distill::run(args),
         Command::Generate(args) => generate::run(args),
         Command::BenchLatency(args) => bench_latency::run(args),
         Command::Serve(args) => serve::run(args),

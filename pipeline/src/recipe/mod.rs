@@ -2,7 +2,8 @@
 //!
 //! A recipe TOML (`configs/<name>.toml`) has one table per stage: `name`, `[model]`, `[data]`,
 //! `[[sources]]`, `[preprocess]` (section types from `overfill_data::recipe`, shared with the
-//! data crate), `[calibrate]`, `[prune]` (here) and `[train]` (`overfill_train::TrainSection`).
+//! data crate), `[calibrate]`, `[prune]` (here), `[train]` (`overfill_train::TrainSection`) and
+//! `[distill]` (here).
 //! Every table rejects unknown keys and wrong types, with an error naming the file, line, table
 //! and key and the closest valid key ([`explain`]). Built-in defaults fill what a recipe leaves
 //! out; `--set TABLE.KEY=VALUE` and each stage's own flags override recipe values. The recipe
@@ -86,6 +87,34 @@ pub struct PruneSection {
     pub out: Option<String>,
 }
 
+/// `[distill]`: `overfill distill`, the full model's own answers to the `[[sources]]` prompts as
+/// training data for a speculative-decoding drafter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// Output folder of the answers (JSONL parts, `distill.json`).
+    pub out: Option<String>,
+    /// Answer at most this many prompts (the first, in input order). Not set: all.
+    pub limit: Option<u64>,
+    /// Tokens per answer at most; longer answers are cut there (and marked unfinished).
+    pub max_new_tokens: usize,
+    /// Prompts generated together (one output part each).
+    pub batch_size: usize,
+    /// Leave out answers cut at `max_new_tokens` (their end-of-turn token, added by
+    /// preprocess, would teach the drafter to stop where the cut was).
+    pub drop_unfinished: bool,
+    /// `f32`, `bf16` or `f16`. Not set: bf16 on CUDA, f32 on CPU.
+    pub dtype: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`. Not set: CUDA when available.
+    pub device: Option<String>,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        DistillSection { out: None, limit: None, max_new_tokens: 256, batch_size: 32, drop_unfinished: false, dtype: None, device: None }
+    }
+}
+
 /// The whole recipe. Field order is the order of the printed recipe.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +135,8 @@ pub struct Recipe {
     pub prune: PruneSection,
     #[serde(default)]
     pub train: TrainSection,
+    #[serde(default)]
+    pub distill: DistillSection,
     /// Origin of every value that is not a default, by dotted key (`preprocess.seed`,
     /// `sources`). Not part of the TOML.
     #[serde(skip)]
@@ -264,6 +295,16 @@ impl Recipe {
             }
         }
         check_device_name(&self.train.device).with_context(|| format!("{}[train] device", self.at("train.device")))?;
+        let d = &self.distill;
+        if d.max_new_tokens == 0 || d.batch_size == 0 || d.limit == Some(0) {
+            bail!("{}[distill] max_new_tokens, batch_size and limit must be at least 1", self.at("distill.max_new_tokens"));
+        }
+        if let Some(dtype) = &d.dtype {
+            overfill_model::checkpoint::parse_dtype(dtype).with_context(|| format!("{}[distill] dtype", self.at("distill.dtype")))?;
+        }
+        if let Some(device) = &d.device {
+            check_device_name(device).with_context(|| format!("{}[distill] device", self.at("distill.device")))?;
+        }
         Ok(())
     }
 
