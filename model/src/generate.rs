@@ -271,7 +271,7 @@ pub fn generate(
             decode_model,
             prompts,
             options,
-            &decode.sampling,
+            std::slice::from_ref(&decode.sampling),
             draft_len,
             on_token,
         );

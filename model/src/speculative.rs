@@ -96,22 +96,90 @@ struct Verdict {
     next: Tensor,
 }
 
+/// How a round chooses tokens: one sampler for the whole batch (`generate`: one seed, one
+/// generator), or one per row (`overfill serve`: every request has its own temperature, top-k,
+/// top-p and seed). A greedy row among sampled ones goes through the sampling rule with one-hot
+/// distributions, which keeps a draft exactly when it is the full model's argmax and otherwise
+/// takes the argmax: the greedy answer, token for token.
+pub enum RowSamplers<'a> {
+    Batch(&'a mut Sampler),
+    PerRow(Vec<&'a mut Sampler>),
+}
+
+impl RowSamplers<'_> {
+    fn all_greedy(&self) -> bool {
+        match self {
+            RowSamplers::Batch(s) => *s.sampling() == Sampling::Greedy,
+            RowSamplers::PerRow(rows) => rows.iter().all(|s| *s.sampling() == Sampling::Greedy),
+        }
+    }
+
+    /// logits [B, N, V] -> each row's distributions [B, N, V] f32 (`Sampler::probabilities`).
+    fn probabilities(&self, logits: &Tensor) -> Tensor {
+        let (rows, n, vocab) = logits.size3().expect("logits [B, N, V]");
+        match self {
+            RowSamplers::Batch(s) => s.probabilities(&logits.reshape([rows * n, vocab])).view([rows, n, vocab]),
+            RowSamplers::PerRow(samplers) => {
+                Tensor::stack(&samplers.iter().enumerate().map(|(b, s)| s.probabilities(&logits.get(b as i64))).collect::<Vec<_>>(), 0)
+            }
+        }
+    }
+
+    /// One token per row from weights [B, V] -> [B] i64, each row with its own generator.
+    fn draw(&mut self, weights: &Tensor) -> Tensor {
+        match self {
+            RowSamplers::Batch(s) => s.draw(weights),
+            RowSamplers::PerRow(samplers) => {
+                Tensor::cat(&samplers.iter_mut().enumerate().map(|(b, s)| s.draw(&weights.narrow(0, b as i64, 1))).collect::<Vec<_>>(), 0)
+            }
+        }
+    }
+
+    /// The first token after the prefill: logits [B, V] -> [B] i64 (`Sampler::choose`).
+    fn choose(&mut self, logits: &Tensor) -> Tensor {
+        match self {
+            RowSamplers::Batch(s) => s.choose(logits),
+            RowSamplers::PerRow(samplers) => {
+                Tensor::cat(&samplers.iter_mut().enumerate().map(|(b, s)| s.choose(&logits.narrow(0, b as i64, 1))).collect::<Vec<_>>(), 0)
+            }
+        }
+    }
+
+    /// [B, K] uniforms, row b from row b's generator.
+    fn uniforms(&mut self, rows: i64, k: i64, device: tch::Device) -> Tensor {
+        match self {
+            RowSamplers::Batch(s) => s.uniforms(rows, k, device),
+            RowSamplers::PerRow(samplers) => Tensor::cat(&samplers.iter_mut().map(|s| s.uniforms(1, k, device)).collect::<Vec<_>>(), 0),
+        }
+    }
+}
+
 /// Speculative generation: `full` prefills and verifies, `drafter` proposes up to `draft_len`
 /// tokens per round over the same cache. Called by `generate::generate` for
-/// `DecodeOptions::speculative` (which has checked the two models fit together).
-pub(crate) fn generate_speculative(
+/// `DecodeOptions::speculative` (which checks that the two models fit together first; callers
+/// of this function check with `generate::check_two_stage`).
+/// `samplings`: one for the whole batch (its one generator draws for every row, as plain
+/// `generate`), or one per row (each row with its own generator, as `overfill serve`).
+pub fn generate_speculative(
     full: &Transformer,
     drafter: &Transformer,
     prompts: &[Vec<i64>],
     options: &GenerateOptions,
-    sampling: &Sampling,
+    samplings: &[Sampling],
     draft_len: usize,
     mut on_token: Option<OnToken>,
 ) -> Result<GenerationOutput> {
     let device = full.device();
     let batch = left_pad(prompts, options.pad_token_id, device)?;
     let rows = prompts.len();
-    let mut sampler = Sampler::new(sampling.clone());
+    if samplings.len() != 1 && samplings.len() != rows {
+        anyhow::bail!("{} samplings for {rows} prompts: give one for all or one per prompt", samplings.len());
+    }
+    let mut samplers: Vec<Sampler> = samplings.iter().cloned().map(Sampler::new).collect();
+    let mut sampler = match samplers.as_mut_slice() {
+        [one] => RowSamplers::Batch(one),
+        per_row => RowSamplers::PerRow(per_row.iter_mut().collect()),
+    };
     let mut output = GenerationOutput::empty(rows);
     let mut stats = SpeculativeStats {
         draft_len,
@@ -207,7 +275,7 @@ pub fn round(
     full: &Transformer,
     drafter: &Transformer,
     cache: &mut KvCache,
-    sampler: &mut Sampler,
+    sampler: &mut RowSamplers,
     pending: &Tensor,
     positions: &Tensor,
     mask: &Tensor,
@@ -265,13 +333,13 @@ pub fn round(
 fn draft(
     drafter: &Transformer,
     cache: &mut KvCache,
-    sampler: &mut Sampler,
+    sampler: &mut RowSamplers,
     pending: &Tensor,
     positions: &Tensor,
     mask: &Tensor,
     k: usize,
 ) -> Result<Drafts> {
-    let sample = *sampler.sampling() != Sampling::Greedy;
+    let sample = !sampler.all_greedy();
     let (mut ids, mut probs) = (Vec::with_capacity(k), Vec::with_capacity(k));
     let mut mask = mask.shallow_clone();
     let mut fed = pending.shallow_clone();
@@ -282,7 +350,7 @@ fn draft(
             .context("draft step by the decoder")?
             .select(1, 0); // [B, V]
         let next = if sample {
-            let q = sampler.probabilities(&logits);
+            let q = sampler.probabilities(&logits.unsqueeze(1)).squeeze_dim(1); // [B, V]
             let next = sampler.draw(&q);
             probs.push(q);
             next
@@ -303,19 +371,17 @@ fn draft(
 
 /// The full model's logits [B, K + 1, V] over the newest token and the drafts -> which drafts it
 /// keeps and its own next token.
-fn verify(sampler: &mut Sampler, logits: &Tensor, drafts: &Drafts) -> Result<Verdict> {
+fn verify(sampler: &mut RowSamplers, logits: &Tensor, drafts: &Drafts) -> Result<Verdict> {
     let (rows, k) = (drafts.ids.size()[0], drafts.ids.size()[1]);
     let vocab = logits.size()[2];
-    if *sampler.sampling() == Sampling::Greedy {
+    if sampler.all_greedy() {
         let choices = logits.argmax(-1, false); // [B, K + 1]
         let agree = drafts.ids.eq_tensor(&choices.narrow(1, 0, k));
         let accepted = kept_prefix(&agree);
         let next = choices.gather(1, &accepted.view([-1, 1]), false).view([-1]);
         return Ok(Verdict { accepted, next });
     }
-    let p = sampler
-        .probabilities(&logits.view([-1, vocab]))
-        .view([rows, k + 1, vocab]);
+    let p = sampler.probabilities(logits); // [B, K + 1, V]
     // Without drafts (k = 0) the full model just samples its next token.
     let q = match &drafts.probs {
         Some(q) => Tensor::cat(&[q, &p.narrow(1, 0, 1).zeros_like()], 1),

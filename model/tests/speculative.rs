@@ -3,7 +3,8 @@
 //! `generate()` of the full model (tests/python/two_stage_ref.py) for one prompt at a time and a
 //! left-padded batch of four, with a drafter that often disagrees (the sliced decoder) and one that
 //! always agrees (the full model itself); sampled output is checked in distribution against the
-//! full model's exact probabilities.
+//! full model's exact probabilities, with one sampler for the batch (`generate`) and with one per
+//! row (`overfill serve`), where greedy rows among sampled ones stay the full model's greedy output.
 mod common;
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use common::*;
 use overfill_model::generate::{generate, greedy, DecodeOptions, GenerateOptions};
 use overfill_model::sampling::Sampling;
+use overfill_model::speculative::generate_speculative;
 use overfill_model::transformer::Transformer;
 use tch::{Device, Kind, Tensor};
 
@@ -294,6 +296,58 @@ fn speculative_sampling_keeps_the_full_models_distribution() {
     // The test tells distributions apart: the two-stage sampler's (the decoder's) is far off.
     let two_stage = total_variation(&samples_of(&decoder, None, 1).0, &exact);
     assert!(two_stage > 0.5, "two-stage TV {two_stage:.4}");
+}
+
+/// `overfill serve` verifies every row with its own sampler: in one batch, every tenth row is
+/// greedy and must give the full model's greedy tokens; the others sample with seeds of their own
+/// and must follow the full model's distribution (the bound of the test above).
+#[test]
+fn per_row_samplers_keep_greedy_rows_exact_and_sampled_rows_in_distribution() {
+    let case = "llama3";
+    let (full, decoder) = two_stage_pair(case);
+    let near = near_copy(&full);
+    let prompt = spec_refs(case).0[0].clone();
+    const TOKENS: usize = 4;
+    const ROWS: u64 = 4400;
+    let (temperature, top_k, top_p) = (1.5, 4, 0.8);
+    let greedy_tokens = generate(&full, &full, &[prompt.clone()], &no_stop_options(TOKENS), &DecodeOptions::default(), None)
+        .unwrap()
+        .token_ids
+        .remove(0);
+    let exact = exact_distribution(&full, &prompt, TOKENS, (temperature, top_k, top_p));
+    for (name, drafter) in [("sliced decoder", &decoder), ("near copy", &near)] {
+        let (mut samples, mut proposed, mut accepted) = (Vec::new(), 0, 0);
+        for run in 0..3 {
+            let samplings: Vec<Sampling> = (0..ROWS)
+                .map(|i| match i % 10 {
+                    0 => Sampling::Greedy,
+                    _ => Sampling::new(temperature, Some(top_k), top_p, run * ROWS + i).unwrap(),
+                })
+                .collect();
+            let prompts = vec![prompt.clone(); ROWS as usize];
+            let out = generate_speculative(&full, drafter, &prompts, &no_stop_options(TOKENS), &samplings, 3, None).unwrap();
+            let stats = out.speculative.unwrap();
+            (proposed, accepted) = (proposed + stats.proposed, accepted + stats.accepted);
+            for (i, tokens) in out.token_ids.into_iter().enumerate() {
+                if i % 10 == 0 {
+                    assert_eq!(tokens, greedy_tokens, "{name}, run {run}: greedy row {i}");
+                } else {
+                    samples.push(tokens);
+                }
+            }
+        }
+        let n = samples.len() as f64;
+        let bound = 0.5 * exact.values().map(|p| (p / n).sqrt()).sum::<f64>() + ((1e6f64).ln() / (2.0 * n)).sqrt();
+        let tv = total_variation(&samples, &exact);
+        let rate = accepted as f64 / proposed as f64;
+        eprintln!("per-row samplers, drafter {name}: {} samples, acceptance {rate:.3}, TV {tv:.4} (bound {bound:.4})", samples.len());
+        assert!(rate > 0.0 && rate < 1.0, "{name}: acceptance {rate}");
+        assert!(tv < bound, "{name}: TV {tv:.4} >= {bound:.4}");
+    }
+    // One sampling for the batch or one per prompt, nothing else.
+    let two = vec![prompt.clone(); 2];
+    let err = generate_speculative(&full, &decoder, &two, &no_stop_options(2), &vec![Sampling::Greedy; 3], 2, None).unwrap_err();
+    assert!(err.to_string().contains("one for all or one per prompt"), "{err}");
 }
 
 #[test]

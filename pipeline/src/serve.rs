@@ -18,8 +18,8 @@ pub struct Args {
     pub decoder: Option<String>,
     /// Lossless two-stage serving (needs --decoder): the decoder drafts up to K tokens per step
     /// and the model verifies them in one pass, so every answer is the model's own (as
-    /// `overfill generate --speculative K`). Requests that sample are served by the model's own
-    /// steps while they run.
+    /// `overfill generate --speculative K`): greedy requests token for token, sampled ones (each
+    /// with its own sampler) in distribution, by the speculative-sampling rule.
     #[arg(long, value_name = "K", requires = "decoder")]
     pub speculative: Option<usize>,
     #[arg(long, default_value = "127.0.0.1")]

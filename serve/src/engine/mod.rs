@@ -12,12 +12,12 @@
 //! This is `overfill_model::generate::generate` unrolled so that rows can come and go: for one
 //! sequence alone it runs the same tensor operations, so greedy output equals `overfill generate`.
 //!
-//! With `--speculative K` (and a decoder) every answer is the full model's own: while all running
-//! rows are greedy, a step is a round of speculative decoding (`overfill_model::speculative::round`:
-//! the decoder drafts up to K tokens, the full model verifies them in one pass, each row keeps its
-//! agreed prefix plus the full model's token); while any row samples, the step is the full
-//! model's own plain step (lossless, without the speed-up: the per-row speculative-sampling rule
-//! is not in the server yet).
+//! With `--speculative K` (and a decoder) every answer is the full model's own: each step is a
+//! round of speculative decoding (`overfill_model::speculative::round`: the decoder drafts up to K
+//! tokens, the full model verifies them in one pass, each row keeps its agreed prefix plus the full
+//! model's token). Every row verifies with its own sampler: greedy rows keep exactly the drafts
+//! that are the full model's argmax, sampled rows (their own temperature, top-k, top-p and seed)
+//! follow the speculative-sampling rule, so each answer is distributed as the full model's.
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -425,14 +425,13 @@ impl Engine {
     }
 
     /// One token for every running row through the decode model (with `--speculative`: one
-    /// speculative round, or the full model's own step while a row samples).
+    /// speculative round, 1 to K + 1 tokens per row).
     fn decode_step(&mut self) -> Result<()> {
         self.remove_done_rows()?;
         if self.rows.is_empty() {
             return Ok(());
         }
-        let all_greedy = self.rows.iter().all(|r| *r.sampler.sampling() == Sampling::Greedy);
-        if let (Some(k), true) = (self.models.speculative, all_greedy) {
+        if let Some(k) = self.models.speculative {
             return self.speculative_step(k);
         }
         let rows = self.rows.len() as i64;
@@ -447,11 +446,7 @@ impl Engine {
         };
         let ones = Tensor::ones([rows, 1], (Kind::Int64, device));
         let mask = Tensor::cat(&[cached_mask, &ones], 1);
-        // Speculative serving promises the full model's answers: its own step while a row samples.
-        let model = match (&self.models.decode, self.models.speculative) {
-            (Some(decoder), None) => decoder,
-            _ => &self.models.prefill,
-        };
+        let model = self.models.decode.as_ref().unwrap_or(&self.models.prefill);
         // Every running row's last id was sampled from the models' shared vocabulary (a row
         // enters the batch with its first token): no per-step range check, no device sync.
         let logits = model

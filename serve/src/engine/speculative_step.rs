@@ -1,15 +1,15 @@
 //! The engine's decode step under `--speculative K`: one round of lossless two-stage decoding
-//! for every running row (all greedy; see the engine's module documentation).
+//! for every running row, each verified with its own sampler (see the engine's module
+//! documentation).
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use overfill_model::sampling::{Sampler, Sampling};
-use overfill_model::speculative;
+use overfill_model::speculative::{self, RowSamplers};
 use super::Engine;
 
 impl Engine {
-    /// One round of speculative decoding for the running (greedy) rows: each gets its kept drafts
-    /// and the full model's own token, 1 to K + 1 tokens.
+    /// One round of speculative decoding for the running rows: each gets its kept drafts and the
+    /// full model's own token, 1 to K + 1 tokens.
     pub(super) fn speculative_step(&mut self, draft_len: usize) -> Result<()> {
         let Some(decoder) = self.models.decode.as_ref() else {
             bail!("internal: --speculative without a decoder");
@@ -30,10 +30,11 @@ impl Engine {
         let Some(mask) = cache.attention_mask().map(|m| m.shallow_clone()) else {
             bail!("internal: a KV cache that was never written");
         };
-        let mut sampler = Sampler::new(Sampling::Greedy);
         let active = vec![true; self.rows.len()];
-        let round = speculative::round(&self.models.prefill, decoder, cache, &mut sampler, &pending, &positions, &mask, k, &active)
+        let mut samplers = RowSamplers::PerRow(self.rows.iter_mut().map(|r| &mut r.sampler).collect());
+        let round = speculative::round(&self.models.prefill, decoder, cache, &mut samplers, &pending, &positions, &mask, k, &active)
             .context("speculative decode step")?;
+        drop(samplers);
         let tokens: usize = round.tokens.iter().map(Vec::len).sum();
         self.record_decode_step(self.rows.len(), tokens, start);
         self.metrics.speculative_proposed.inc_by((k * self.rows.len()) as u64);
