@@ -43,6 +43,16 @@ train-8b3b *flags: build
 train-3b1b *flags: build
     {{overfill}} train --config configs/3b-1b.toml {{flags}}
 
+# The full model's greedy answers to a recipe's prompts ([distill] out): training data for a drafter of
+# generate --speculative (then preprocess them with --input 'OUT/part-*.jsonl' and train on them).
+distill recipe="8b-3b" *flags: build
+    {{overfill}} distill --config configs/{{recipe}}.toml {{flags}}
+
+# After `just demo`: drafters for generate --speculative trained on the references vs on the full model's own
+# answers (overfill distill), over seeds; acceptance rates in work/demo/drafter.md.
+drafter *flags: build
+    bash scripts/drafter.sh {{flags}}
+
 # OverFill training of the tiny demo models on CPU (after `just demo` has made them).
 train-tiny *flags: build
     {{overfill}} train --config configs/tiny.toml {{flags}}

@@ -569,3 +569,18 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     Ok(device)
 }
+
+/// A command's `--device` and `--dtype`, each optional: CUDA when available, else the CPU; bf16
+/// on CUDA, f32 on the CPU.
+pub fn device_and_dtype(device: Option<&str>, dtype: Option<&str>) -> Result<(Device, Kind)> {
+    let device = match device {
+        Some(d) => parse_device(d)?,
+        None => Device::cuda_if_available(),
+    };
+    let dtype = match dtype {
+        Some(d) => parse_dtype(d)?,
+        None if device.is_cuda() => Kind::BFloat16,
+        None => Kind::Float,
+    };
+    Ok((device, dtype))
+}

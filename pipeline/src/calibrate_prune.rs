@@ -248,15 +248,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let calibration = CalibrationData::load(&settings, &config, tokenizer.as_ref())?;
-    let device = match &settings.device {
-        Some(d) => checkpoint::parse_device(d)?,
-        None => tch::Device::cuda_if_available(),
-    };
-    let kind = match &settings.dtype {
-        Some(d) => checkpoint::parse_dtype(d)?,
-        None if device.is_cuda() => tch::Kind::BFloat16,
-        None => tch::Kind::Float,
-    };
+    let (device, kind) = checkpoint::device_and_dtype(settings.device.as_deref(), settings.dtype.as_deref())?;
     eprintln!("loading {} on {device:?} as {kind:?}", model_dir.display());
     let model = Transformer::load(&model_dir, device, kind)?;
     let scored = score(&model, &config, &calibration, &settings)?;

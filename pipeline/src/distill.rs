@@ -16,7 +16,7 @@ use overfill_data::distill::{
     answer_row, input_files, read_prompts, Answer, ChatCodec, DistillOut, PartEntry, Prompt, STOP_AFTER_PARTS_ENV,
 };
 use overfill_data::recipe::SourceSpec;
-use overfill_model::checkpoint::{load_config, parse_device, parse_dtype, resolve_model_dir, weight_files};
+use overfill_model::checkpoint::{device_and_dtype, load_config, resolve_model_dir, weight_files};
 use overfill_model::config::ModelConfig;
 use overfill_model::file_digests::sha256_file;
 use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
@@ -89,15 +89,7 @@ pub fn run(args: Args) -> Result<()> {
     let model_id = recipe.model.path.clone().context("no full model: give --model or [model] path")?;
     let model_dir = resolve_model_dir(&model_id)?;
     let config = load_config(&model_dir)?;
-    let device = match &settings.device {
-        Some(d) => parse_device(d)?,
-        None => tch::Device::cuda_if_available(),
-    };
-    let dtype = match &settings.dtype {
-        Some(d) => parse_dtype(d)?,
-        None if device.is_cuda() => tch::Kind::BFloat16,
-        None => tch::Kind::Float,
-    };
+    let (device, dtype) = device_and_dtype(settings.device.as_deref(), settings.dtype.as_deref())?;
 
     // Everything that can be refused is checked before the model is loaded.
     let tokenizer = recipe.data.tokenizer.clone().unwrap_or_else(|| model_dir.to_string_lossy().into_owned());

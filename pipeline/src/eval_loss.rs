@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use overfill_data::reader::{ShardDataset, Split};
-use overfill_model::checkpoint::{load_config, parse_device, parse_dtype};
+use overfill_model::checkpoint::{device_and_dtype, load_config};
 use overfill_model::train::check_compatible;
 use overfill_model::transformer::Transformer;
 use overfill_train::eval::evaluate;
@@ -90,15 +90,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("the {split_name} split of {} has no rows", args.data.display());
     }
     check_shard_vocab(&ds, split_name, &decoder_config, &args.decoder)?;
-    let device = match &args.device {
-        Some(d) => parse_device(d)?,
-        None => tch::Device::cuda_if_available(),
-    };
-    let kind = match &args.dtype {
-        Some(d) => parse_dtype(d)?,
-        None if device.is_cuda() => tch::Kind::BFloat16,
-        None => tch::Kind::Float,
-    };
+    let (device, kind) = device_and_dtype(args.device.as_deref(), args.dtype.as_deref())?;
     let decoder = Transformer::load(&args.decoder, device, kind)?;
     let full = full_dir.as_deref().map(|dir| Transformer::load(dir, device, kind)).transpose()?;
 
