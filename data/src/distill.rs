@@ -117,8 +117,8 @@ pub fn input_files(sources: &[SourceSpec]) -> Result<(Vec<InputFile>, Vec<String
     Ok((files, hashes))
 }
 
-/// The prompts of `files` in input order, at most `limit`; a source's `fraction` keeps the same
-/// rows preprocess would keep with `seed`.
+/// The prompts of the first `limit` rows of `files` (all without a limit), in input order; a
+/// source's `fraction` keeps the same rows preprocess would keep with `seed`.
 pub fn read_prompts(files: &[InputFile], codec: &ChatCodec, seed: u64, limit: Option<u64>) -> Result<(Vec<Prompt>, PromptCounts)> {
     let mut counts = PromptCounts::default();
     let mut raw: Vec<(u64, Result<RawConversation, String>, String)> = Vec::new();
@@ -251,6 +251,8 @@ impl DistillOut {
         };
         owned.claim()?;
         owned.create(STATE_FILE)?;
+        // Written by the command beside the parts.
+        owned.create(crate::recipe::RESOLVED_FILE)?;
         let out = DistillOut { dir: dir.to_path_buf(), owned, state, _lock: lock };
         out.save()?;
         Ok(out)

@@ -16,6 +16,7 @@ use overfill_data::distill::{
     answer_row, input_files, read_prompts, Answer, ChatCodec, DistillOut, PartEntry, Prompt, STOP_AFTER_PARTS_ENV,
 };
 use overfill_data::recipe::SourceSpec;
+use overfill_data::tokenize::check_ids_in_vocab;
 use overfill_model::checkpoint::{device_and_dtype, load_config, resolve_model_dir, weight_files};
 use overfill_model::config::ModelConfig;
 use overfill_model::file_digests::sha256_file;
@@ -41,7 +42,7 @@ pub struct Args {
     /// Output folder ([distill] out).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Answer only the first N prompts ([distill] limit).
+    /// Use only the first N rows of the inputs ([distill] limit).
     #[arg(long, value_name = "N")]
     limit: Option<u64>,
     /// Tokens per answer at most ([distill] max_new_tokens).
@@ -112,6 +113,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     if prompts.is_empty() {
         anyhow::bail!("no usable prompt in the inputs ({} rows read)", counts.raw_rows);
+    }
+    // Text can encode to an id past the embedding table (e.g. Llama 3.2's <|image|>).
+    for prompt in &prompts {
+        let what = format!("the prompt of input row {}", prompt.row_id);
+        check_ids_in_vocab(&prompt.ids, config.vocab_size, Some(&codec.tokenizer.tokenizer), &what)?;
     }
     let stop_ids = stop_ids(&config, codec.tokenizer.end_of_turn_id as i64);
     let key = json!({

@@ -98,6 +98,14 @@ fn distilled_answers_equal_transformers_greedy_and_resume() {
     let after: BTreeMap<_, _> = common::paths_under(&out).into_iter().map(|p| (p.clone(), std::fs::read(&p).ok())).collect();
     assert_eq!(before, after);
 
+    // A prompt whose text encodes to an id past the embedding table is refused before any work.
+    let image = tmp.path().join("image.jsonl");
+    std::fs::write(&image, "{\"messages\": [{\"role\": \"user\", \"content\": \"Look: <|image|>\"}]}\n").unwrap();
+    let refused = tmp.path().join("refused");
+    let err = overfill_refused(&["distill", "--model", model.to_str().unwrap(), "--input", image.to_str().unwrap(), "--out", refused.to_str().unwrap()]);
+    assert!(err.contains("<|image|>") && err.contains("input row 0"), "{err}");
+    assert!(!refused.exists(), "nothing is written for a refused run");
+
     // preprocess reads the answers as conversations.
     let glob = format!("{}/part-*.jsonl", out.display());
     let shards = tmp.path().join("shards");

@@ -94,7 +94,7 @@ pub struct PruneSection {
 pub struct DistillSection {
     /// Output folder of the answers (JSONL parts, `distill.json`).
     pub out: Option<String>,
-    /// Answer at most this many prompts (the first, in input order). Not set: all.
+    /// Use only the first N rows (in input order, after source fractions). Not set: all.
     pub limit: Option<u64>,
     /// Tokens per answer at most; longer answers are cut there (and marked unfinished).
     pub max_new_tokens: usize,
