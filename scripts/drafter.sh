@@ -5,9 +5,11 @@
 #
 #   1. distill: the full model's own greedy answers to the first N training questions
 #      (overfill distill, resumable), preprocessed into shards-distill/
-#   2. for each seed, two drafters from the same pruned checkpoint with the same steps, batch and
-#      learning rate (OverFill training, two at a time, one thread each): one on the dataset's
-#      reference answers (shards/), one on the full model's answers (shards-distill/)
+#   2. for each seed, two drafters from the same pruned checkpoint with the same batch, learning
+#      rate and at most --steps optimizer steps (OverFill training, two at a time, one thread each):
+#      one on the dataset's reference answers (shards/), one on the full model's answers
+#      (shards-distill/). The recipe's one epoch ends first where the data are fewer: 1948 distilled
+#      training rows at batch 16 stop at step 122.
 #   3. acceptance on held-out questions: generate --speculative K with each drafter and with the
 #      untrained pruned checkpoint; the output must equal the full model's own greedy answers
 #   4. drafter.md / drafter.json: acceptance rate and tokens kept per verification, mean ± std
