@@ -54,7 +54,7 @@ echo "1/3 distill: the full model's answers to $prompts training questions"
 "$bin" distill --config "$recipe" --limit "$prompts" >drafter/distill.json
 "$bin" preprocess --config "$recipe" --input 'distilled/part-*.jsonl' --format jsonl --val-size 100 --out shards-distill >drafter/preprocess.json
 
-echo "2/3 drafters: $steps steps each, seeds $seeds (two at a time, one thread each)"
+echo "2/3 drafters: at most $steps steps each, seeds $seeds (two at a time, one thread each)"
 train() { # NAME DATA SEED
     [ -f "runs/$1/final/config.json" ] && return 0
     "$bin" train --config "$recipe" --mode overfill --seed "$3" --data "$2" --out "runs/$1" --max-steps "$steps" \
@@ -70,9 +70,19 @@ export bin recipe steps work
 } | xargs -P 2 -L 1 bash -c 'train "$@"' _
 
 echo "3/3 acceptance at K=$k on $heldout held-out questions"
-head -n "$heldout" heldout.jsonl >drafter/prompts.jsonl
-"$bin" generate --model full --input drafter/prompts.jsonl --max-new-tokens 128 --json 2>/dev/null | tail -n 1 >drafter/full.json
+# Kept outputs are reused while the prompts, K and the drafters are the same.
+head -n "$heldout" heldout.jsonl >drafter/prompts.next.jsonl
+stamp="k=$k $(sha256sum drafter/prompts.next.jsonl | cut -c1-16) $(cat runs/drafter-*/final/*.safetensors | sha256sum | cut -c1-16)"
+if [ "$(cat drafter/stamp 2>/dev/null)" != "$stamp" ]; then
+    rm -f drafter/full.json drafter/spec-*.json
+    mv drafter/prompts.next.jsonl drafter/prompts.jsonl
+    echo "$stamp" >drafter/stamp
+fi
+rm -f drafter/prompts.next.jsonl
+[ -s drafter/full.json ] ||
+    "$bin" generate --model full --input drafter/prompts.jsonl --max-new-tokens 128 --json 2>/dev/null | tail -n 1 >drafter/full.json
 accept() { # NAME DECODER
+    [ -s "drafter/spec-$1.json" ] && return 0
     "$bin" generate --model full --decoder "$2" --speculative "$k" --input drafter/prompts.jsonl --max-new-tokens 128 --json \
         2>/dev/null | tail -n 1 >"drafter/spec-$1.json"
 }
@@ -81,9 +91,9 @@ for seed in "${seed_list[@]}"; do
     accept "ref-s$seed" "runs/drafter-ref-s$seed/final"
     accept "distill-s$seed" "runs/drafter-distill-s$seed/final"
 done
-"$python" - "$k" "$steps" "$prompts" "$heldout" "${seed_list[@]}" <<'PY'
+"$python" - "$k" "$prompts" "$heldout" "${seed_list[@]}" <<'PY'
 import json, statistics, sys
-k, steps, prompts, heldout, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+k, prompts, heldout, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 full = json.load(open("drafter/full.json"))["token_ids"]
 
 def read(name):
@@ -97,9 +107,13 @@ def cell(values):
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
+def trained_steps(kind):
+    steps = {max(json.loads(line).get("step", 0) for line in open(f"runs/drafter-{kind}-s{s}/log.jsonl")) for s in seeds}
+    return "/".join(str(n) for n in sorted(steps))
+
 rows = {"untrained pruned checkpoint": [read("pruned")]}
-rows[f"OverFill-trained on the references ({steps} steps)"] = [read(f"ref-s{s}") for s in seeds]
-rows[f"OverFill-trained on the full model's answers ({steps} steps)"] = [read(f"distill-s{s}") for s in seeds]
+rows[f"OverFill-trained on the references ({trained_steps('ref')} steps)"] = [read(f"ref-s{s}") for s in seeds]
+rows[f"OverFill-trained on the full model's answers ({trained_steps('distill')} steps)"] = [read(f"distill-s{s}") for s in seeds]
 lines = [
     f"Speculative decoding at K = {k}: the first {heldout} held-out questions, up to 128 new tokens, greedy, one batch. "
     f"Seeds {','.join(seeds)} (mean ± sample std); distillation data: the full model's answers to {prompts} training "
