@@ -101,6 +101,7 @@ pub struct Prompt {
 /// What reading the inputs found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PromptCounts {
+    /// Rows looked at: all, or the first `limit`.
     pub raw_rows: u64,
     /// Not chosen by their source's mixing fraction.
     pub sampled_out: u64,
@@ -126,6 +127,10 @@ pub fn read_prompts(files: &[InputFile], codec: &ChatCodec, seed: u64, limit: Op
     let mut next_row_id = 0u64;
     'files: for (index, file) in files.iter().enumerate() {
         let mut sink = |record: crate::source::RawRecord| -> Result<()> {
+            // The reader streams the file to its end; rows past the limit are not looked at.
+            if limit.is_some_and(|n| raw.len() as u64 >= n) {
+                return Ok(());
+            }
             counts.raw_rows += 1;
             if file.fraction < 1.0 && crate::filter::sample_unit(seed, record.row_id) >= file.fraction {
                 counts.sampled_out += 1;
@@ -143,9 +148,6 @@ pub fn read_prompts(files: &[InputFile], codec: &ChatCodec, seed: u64, limit: Op
         if limit.is_some_and(|n| raw.len() as u64 >= n) {
             break 'files;
         }
-    }
-    if let Some(n) = limit {
-        raw.truncate(n as usize);
     }
     let encoded: Vec<(u64, Result<(Vec<Message>, Vec<u32>), String>, String)> = raw
         .into_par_iter()

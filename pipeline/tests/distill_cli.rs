@@ -98,6 +98,13 @@ fn distilled_answers_equal_transformers_greedy_and_resume() {
     let after: BTreeMap<_, _> = common::paths_under(&out).into_iter().map(|p| (p.clone(), std::fs::read(&p).ok())).collect();
     assert_eq!(before, after);
 
+    // --limit: only the first rows are looked at.
+    let limited = tmp.path().join("limited");
+    let args = distill(&limited, &["--limit", "2"]);
+    let summary: Value = serde_json::from_str(overfill_ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!((summary["raw_rows"].as_u64(), summary["prompts"].as_u64(), summary["parts"].as_u64()), (Some(2), Some(2), Some(1)));
+    assert_eq!(rows(&limited), ours[..2].to_vec());
+
     // A prompt whose text encodes to an id past the embedding table is refused before any work.
     let image = tmp.path().join("image.jsonl");
     std::fs::write(&image, "{\"messages\": [{\"role\": \"user\", \"content\": \"Look: <|image|>\"}]}\n").unwrap();
