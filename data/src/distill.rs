@@ -22,14 +22,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::conversation::{normalise_turns, Message, Role, Unusable};
+use crate::digest::{sha256_file, sha256_str};
 use crate::out_lock::OutputLock;
 use crate::owned_files::OwnedFiles;
-use crate::preprocess::{sha256_file, sha256_str};
 use crate::recipe::SourceSpec;
 use crate::shard::write_atomic;
 use crate::source::{expand_sources, parse_json_row, read_file, InputFile, RawConversation, RawPayload};
-use crate::template::{ChatTemplate, TemplateSpec};
-use crate::tokenize::{load_tokenizer, resolve_tokenizer, SplitTokenizer, TokenizerConfig};
+pub use crate::tokenize::ChatCodec;
 
 /// The record of the output folder.
 pub const STATE_FILE: &str = "distill.json";
@@ -50,42 +49,6 @@ pub fn prompt_messages(raw: RawConversation) -> Result<Vec<Message>, String> {
         Some(m) if m.role == Role::User => Ok(messages),
         Some(m) => Err(format!("the prompt ends with a {} turn, not a user turn", m.role.as_str())),
         None => Err("no turns".to_string()),
-    }
-}
-
-/// The tokenizer and chat template prompts are rendered with, as preprocess renders contexts.
-pub struct ChatCodec {
-    pub template: ChatTemplate,
-    pub tokenizer: SplitTokenizer,
-    /// sha256 of tokenizer.json, of tokenizer_config.json (if any) and of the template source.
-    pub digests: Vec<String>,
-}
-
-impl ChatCodec {
-    /// `tokenizer`: a folder, a `tokenizer.json` or a hub id; `template`: as `[data] template`.
-    pub fn load(tokenizer: &str, template: &str) -> Result<ChatCodec> {
-        let files = resolve_tokenizer(tokenizer)?;
-        let config = TokenizerConfig::load(files.config_json.as_deref())?;
-        let template = ChatTemplate::from_spec(&TemplateSpec::parse(template), config.template_tokens(), config.chat_template.as_deref())?;
-        let plain = load_tokenizer(&files.tokenizer_json)?;
-        let split = SplitTokenizer::new(plain, &template).with_context(|| format!("tokenizer {}", files.tokenizer_json.display()))?;
-        let mut digests = vec![sha256_file(&files.tokenizer_json)?];
-        if let Some(config) = &files.config_json {
-            digests.push(sha256_file(config)?);
-        }
-        digests.push(sha256_str(&template.source));
-        Ok(ChatCodec { template, tokenizer: split, digests })
-    }
-
-    /// Token ids of the prompt rendered with the generation prompt (the template writes BOS).
-    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        self.tokenizer.encode(&text).map_err(|e| anyhow::anyhow!("cannot tokenize: {e:?}"))
-    }
-
-    /// Text of generated ids, special tokens (the end-of-turn token) left out.
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`synth_tasks`]: the demo's tasks (answers depend on the prompt), held-out prompts, a trained BPE tokenizer.
 //! - [`recipe`]: the data part of `configs/*.toml`.
 pub mod conversation;
+pub(crate) mod digest;
 pub mod distill;
 pub mod filter;
 pub mod manifest;

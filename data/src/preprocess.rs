@@ -19,7 +19,6 @@
 //! Testing hook: `OVERFILL_TEST_ABORT_AFTER_SHARDS=N` makes the process exit hard (status 86)
 //! right after it has written N work chunks, as if killed.
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,7 +26,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::bounded;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::filter::{DropReason, Example, Outcome, Processed, RowProcessor};
 use crate::manifest::{
@@ -38,8 +36,9 @@ use crate::owned_files::OwnedFiles;
 use crate::recipe::{PreprocessConfig, ValSize};
 use crate::shard::{read_examples, read_stats, read_u64_columns, write_atomic, BadRow, ShardWriter, Stats, HIST_EDGES};
 use crate::source::{expand_sources, read_file, InputFile, RawRecord};
-use crate::template::{ChatTemplate, TemplateSpec};
-use crate::tokenize::{load_tokenizer, resolve_tokenizer, SplitTokenizer, TokenizerConfig};
+use crate::digest::{sha256_file, sha256_str};
+use crate::template::ChatTemplate;
+use crate::tokenize::{ChatCodec, SplitTokenizer};
 
 const STATE_FILE: &str = "state.json";
 /// Raw rows per batch handed from the reader to the workers.
@@ -61,24 +60,6 @@ struct WorkState {
     key: String,
 }
 
-pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
-pub(crate) fn sha256_str(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
 /// Everything resolved before any work: files, tokenizer, template, key.
 struct Prepared {
     files: Vec<InputFile>,
@@ -94,26 +75,21 @@ struct Prepared {
 fn prepare(config: &PreprocessConfig) -> Result<Prepared> {
     config.validate()?;
     let files = expand_sources(&config.sources)?;
-    let tokenizer_files = resolve_tokenizer(&config.tokenizer)?;
-    let tokenizer_config = TokenizerConfig::load(tokenizer_files.config_json.as_deref())?;
-    let spec = TemplateSpec::parse(&config.template);
-    let template = ChatTemplate::from_spec(&spec, tokenizer_config.template_tokens(), tokenizer_config.chat_template.as_deref())?;
-    let tokenizer = load_tokenizer(&tokenizer_files.tokenizer_json)?;
-    let vocab_size = tokenizer.get_vocab_size(true);
-    let tokenizer = SplitTokenizer::new(tokenizer, &template)
-        .with_context(|| format!("tokenizer {}", tokenizer_files.tokenizer_json.display()))?;
+    let codec = ChatCodec::load(&config.tokenizer, &config.template)?;
 
     let file_hashes: Vec<String> = files.par_iter().map(|f| sha256_file(&f.path)).collect::<Result<_>>()?;
     let tokenizer_entry = TokenizerEntry {
-        path: tokenizer_files.tokenizer_json.display().to_string(),
-        sha256: sha256_file(&tokenizer_files.tokenizer_json)?,
-        config_sha256: tokenizer_files.config_json.as_deref().map(sha256_file).transpose()?,
-        vocab_size,
-        bos_token: template.tokens.bos_token.clone(),
-        end_of_turn: template.end_of_turn.clone(),
-        end_of_turn_id: tokenizer.end_of_turn_id,
+        path: codec.files.tokenizer_json.display().to_string(),
+        sha256: codec.tokenizer_sha256.clone(),
+        config_sha256: codec.config_sha256.clone(),
+        vocab_size: codec.tokenizer.tokenizer.get_vocab_size(true),
+        bos_token: codec.template.tokens.bos_token.clone(),
+        end_of_turn: codec.template.end_of_turn.clone(),
+        end_of_turn_id: codec.tokenizer.end_of_turn_id,
     };
-    let template_entry = TemplateEntry { spec: config.template.clone(), sha256: sha256_str(&template.source), source: template.source.clone() };
+    let template_entry =
+        TemplateEntry { spec: config.template.clone(), sha256: codec.template_sha256.clone(), source: codec.template.source.clone() };
+    let ChatCodec { template, tokenizer, .. } = codec;
     let mut config_json = serde_json::to_value(config)?;
     // The key covers what changes the shards' content, not where they go or the failure threshold.
     let mut key_config = config_json.clone();

@@ -8,7 +8,58 @@ use serde_json::Value;
 // Re-exported so that crates without a tokenizers dependency can name the type.
 pub use tokenizers::Tokenizer;
 
-use crate::template::{ChatTemplate, RenderedSplit, TemplateTokens};
+use crate::conversation::Message;
+use crate::digest::{sha256_file, sha256_str};
+use crate::template::{ChatTemplate, RenderedSplit, TemplateSpec, TemplateTokens};
+
+/// A tokenizer with its chat template bound to it, and the digests that identify both: what
+/// preprocess renders and splits training conversations with, and what distill renders prompts with.
+pub struct ChatCodec {
+    pub files: TokenizerFiles,
+    pub template: ChatTemplate,
+    pub tokenizer: SplitTokenizer,
+    pub tokenizer_sha256: String,
+    pub config_sha256: Option<String>,
+    /// Of the template's source.
+    pub template_sha256: String,
+}
+
+impl ChatCodec {
+    /// `tokenizer`: a `tokenizer.json`, a folder or a hub id ([`resolve_tokenizer`]); `template`: a
+    /// [`TemplateSpec`] as `[data] template` writes it.
+    pub fn load(tokenizer: &str, template: &str) -> Result<ChatCodec> {
+        let files = resolve_tokenizer(tokenizer)?;
+        let config = TokenizerConfig::load(files.config_json.as_deref())?;
+        let template = ChatTemplate::from_spec(&TemplateSpec::parse(template), config.template_tokens(), config.chat_template.as_deref())?;
+        let plain = load_tokenizer(&files.tokenizer_json)?;
+        let split = SplitTokenizer::new(plain, &template).with_context(|| format!("tokenizer {}", files.tokenizer_json.display()))?;
+        Ok(ChatCodec {
+            tokenizer_sha256: sha256_file(&files.tokenizer_json)?,
+            config_sha256: files.config_json.as_deref().map(sha256_file).transpose()?,
+            template_sha256: sha256_str(&template.source),
+            files,
+            template,
+            tokenizer: split,
+        })
+    }
+
+    /// The digests in one list: tokenizer.json, tokenizer_config.json (if any), the template.
+    pub fn digests(&self) -> Vec<String> {
+        std::iter::once(self.tokenizer_sha256.clone()).chain(self.config_sha256.clone()).chain([self.template_sha256.clone()]).collect()
+    }
+
+    /// Token ids of a conversation rendered with the generation prompt (the template writes BOS),
+    /// as a training context is tokenized.
+    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text).map_err(|e| anyhow!("cannot tokenize: {e:?}"))
+    }
+
+    /// Text of generated ids, special tokens (the end-of-turn token) left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.tokenizer.decode(ids, true).map_err(|e| anyhow!("cannot decode generated ids: {e}"))
+    }
+}
 
 /// The files of a tokenizer: `tokenizer.json` and, next to it, `tokenizer_config.json`.
 #[derive(Debug, Clone)]

@@ -18,8 +18,8 @@ use overfill_data::distill::{
 use overfill_data::recipe::SourceSpec;
 use overfill_data::tokenize::check_ids_in_vocab;
 use overfill_model::checkpoint::{device_and_dtype, load_config, resolve_model_dir, weight_files};
-use overfill_model::config::ModelConfig;
 use overfill_model::file_digests::sha256_file;
+use overfill_model::config::ModelConfig;
 use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
 use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
     let key = json!({
         "model": model_digest(&model_dir)?,
         "dtype": format!("{dtype:?}"),
-        "tokenizer_and_template": codec.digests,
+        "tokenizer_and_template": codec.digests(),
         "inputs": files.iter().zip(&file_hashes).map(|(f, h)| json!([f.format, f.fraction, h])).collect::<Vec<_>>(),
         "seed": recipe.preprocess.seed,
         "limit": settings.limit,
