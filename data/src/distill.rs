@@ -95,7 +95,7 @@ pub fn read_prompts(files: &[InputFile], codec: &ChatCodec, seed: u64, limit: Op
                 return Ok(());
             }
             counts.raw_rows += 1;
-            if file.fraction < 1.0 && crate::filter::sample_unit(seed, record.row_id) >= file.fraction {
+            if crate::filter::sampled_out(seed, record.row_id, file.fraction) {
                 counts.sampled_out += 1;
                 return Ok(());
             }

@@ -84,8 +84,14 @@ pub fn shuffle_key(seed: u64, row_id: u64) -> u64 {
 }
 
 /// A uniform number in [0, 1) from the seed and row id (mixing fractions).
-pub fn sample_unit(seed: u64, row_id: u64) -> f64 {
+fn sample_unit(seed: u64, row_id: u64) -> f64 {
     (mix64(mix64(seed ^ 0x5A5A_5A5A_5A5A_5A5A) ^ row_id) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether row `row_id` of a source mixed in at `fraction` is left out (seeded; the same rows for
+/// the same seed in preprocess and distill).
+pub fn sampled_out(seed: u64, row_id: u64, fraction: f64) -> bool {
+    fraction < 1.0 && sample_unit(seed, row_id) >= fraction
 }
 
 pub fn content_hash(messages: &[Message]) -> u64 {
@@ -125,7 +131,7 @@ impl RowProcessor<'_> {
 
     fn outcome(&self, record: &RawRecord) -> Outcome {
         let (source, fraction) = &self.files[record.file_index];
-        if *fraction < 1.0 && sample_unit(self.config.seed, record.row_id) >= *fraction {
+        if sampled_out(self.config.seed, record.row_id, *fraction) {
             return Outcome::Dropped(DropReason::SampledOut);
         }
         let raw: RawConversation = match &record.payload {
