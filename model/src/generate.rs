@@ -47,6 +47,16 @@ impl GenerateOptions {
     }
 }
 
+/// The stop ids of chat generation: the model's eos ids and the chat template's end-of-turn
+/// token, each once.
+pub fn eos_and_end_of_turn(eos_token_ids: &[i64], end_of_turn: Option<i64>) -> Vec<i64> {
+    let mut ids = eos_token_ids.to_vec();
+    if let Some(id) = end_of_turn.filter(|id| !ids.contains(id)) {
+        ids.push(id);
+    }
+    ids
+}
+
 /// How tokens are chosen and whether the full model refreshes the decoder's cache entries.
 #[derive(Debug, Clone, Default)]
 pub struct DecodeOptions {

@@ -19,8 +19,7 @@ use overfill_data::recipe::SourceSpec;
 use overfill_data::tokenize::check_ids_in_vocab;
 use overfill_model::checkpoint::{device_and_dtype, load_config, resolve_model_dir, weight_files};
 use overfill_model::file_digests::sha256_file;
-use overfill_model::config::ModelConfig;
-use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
+use overfill_model::generate::{eos_and_end_of_turn, generate, DecodeOptions, GenerateOptions};
 use overfill_model::transformer::Transformer;
 use serde_json::{json, Value};
 
@@ -119,7 +118,7 @@ pub fn run(args: Args) -> Result<()> {
         let what = format!("the prompt of input row {}", prompt.row_id);
         check_ids_in_vocab(&prompt.ids, config.vocab_size, Some(&codec.tokenizer.tokenizer), &what)?;
     }
-    let stop_ids = stop_ids(&config, codec.tokenizer.end_of_turn_id as i64);
+    let stop_ids = eos_and_end_of_turn(&config.eos_token_ids, Some(codec.tokenizer.end_of_turn_id as i64));
     let key = json!({
         "model": model_digest(&model_dir)?,
         "dtype": format!("{dtype:?}"),
@@ -181,15 +180,6 @@ pub fn run(args: Args) -> Result<()> {
     progress.finish_and_clear();
     println!("{}", summary(&folder, &counts, resumed));
     Ok(())
-}
-
-/// The model's eos ids and the template's end-of-turn token, as `generate` stops by default.
-fn stop_ids(config: &ModelConfig, end_of_turn: i64) -> Vec<i64> {
-    let mut ids = config.eos_token_ids.clone();
-    if !ids.contains(&end_of_turn) {
-        ids.push(end_of_turn);
-    }
-    ids
 }
 
 /// The generated ids as an answer: text without the stop token, and whether it stopped by itself.

@@ -16,7 +16,7 @@ use overfill_data::conversation::{Message, Role};
 use overfill_data::template::{ChatTemplate, TemplateSpec};
 use overfill_data::tokenize::{check_ids_in_vocab, load_tokenizer, SplitTokenizer, Tokenizer, TokenizerConfig};
 use overfill_model::checkpoint::{load_config, parse_device, parse_dtype, resolve_model_dir};
-use overfill_model::generate::{generate, DecodeOptions, GenerateOptions};
+use overfill_model::generate::{eos_and_end_of_turn, generate, DecodeOptions, GenerateOptions};
 use overfill_model::sampling::Sampling;
 use overfill_model::speculative::SpeculativeStats;
 use overfill_model::transformer::Transformer;
@@ -205,10 +205,7 @@ pub fn run(args: Args) -> Result<()> {
         .transpose()?;
     let decode_model = decoder.as_ref().unwrap_or(&model);
     let mut options = GenerateOptions::for_model(&model, args.max_new_tokens);
-    let end_of_turn = split.end_of_turn_id as i64;
-    if !options.eos_token_ids.contains(&end_of_turn) {
-        options.eos_token_ids.push(end_of_turn);
-    }
+    options.eos_token_ids = eos_and_end_of_turn(&options.eos_token_ids, Some(split.end_of_turn_id as i64));
     let decode = DecodeOptions { sampling: Sampling::new(0.0, None, 1.0, 0)?, refresh_every: args.refresh_every, speculative: args.speculative };
 
     let progress = ProgressBar::new(rows.len() as u64).with_style(

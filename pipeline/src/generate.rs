@@ -24,7 +24,7 @@ use overfill_model::checkpoint::{
     dtype_name, load_config, parse_device, parse_dtype, resolve_model_dir,
 };
 use overfill_model::config::ModelConfig;
-use overfill_model::generate::{generate, DecodeOptions, GenerateOptions, GenerationOutput};
+use overfill_model::generate::{eos_and_end_of_turn, generate, DecodeOptions, GenerateOptions, GenerationOutput};
 use overfill_model::sampling::Sampling;
 use overfill_model::speculative::SpeculativeStats;
 use overfill_model::train::check_compatible;
@@ -405,15 +405,7 @@ fn stop_ids(args: &Args, config: &ModelConfig, codec: Option<&TextCodec>) -> Res
     match args.stop_ids.as_deref().map(str::trim) {
         Some("none") => Ok(vec![]),
         Some(ids) => parse_ids(ids, "--stop-ids"),
-        None => {
-            let mut ids = config.eos_token_ids.clone();
-            if let Some(id) = codec.and_then(TextCodec::end_of_turn_id) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-            Ok(ids)
-        }
+        None => Ok(eos_and_end_of_turn(&config.eos_token_ids, codec.and_then(TextCodec::end_of_turn_id))),
     }
 }
 
