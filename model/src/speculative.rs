@@ -127,20 +127,20 @@ impl RowSamplers<'_> {
 
     /// One token per row from weights [B, V] -> [B] i64, each row with its own generator.
     fn draw(&mut self, weights: &Tensor) -> Tensor {
-        match self {
-            RowSamplers::Batch(s) => s.draw(weights),
-            RowSamplers::PerRow(samplers) => {
-                Tensor::cat(&samplers.iter_mut().enumerate().map(|(b, s)| s.draw(&weights.narrow(0, b as i64, 1))).collect::<Vec<_>>(), 0)
-            }
-        }
+        self.each_row(weights, Sampler::draw)
     }
 
     /// The first token after the prefill: logits [B, V] -> [B] i64 (`Sampler::choose`).
     fn choose(&mut self, logits: &Tensor) -> Tensor {
+        self.each_row(logits, Sampler::choose)
+    }
+
+    /// `pick` over [B, V] -> [B]: with the batch's sampler at once, or row b ([1, V]) with row b's.
+    fn each_row(&mut self, rows: &Tensor, mut pick: impl FnMut(&mut Sampler, &Tensor) -> Tensor) -> Tensor {
         match self {
-            RowSamplers::Batch(s) => s.choose(logits),
+            RowSamplers::Batch(s) => pick(s, rows),
             RowSamplers::PerRow(samplers) => {
-                Tensor::cat(&samplers.iter_mut().enumerate().map(|(b, s)| s.choose(&logits.narrow(0, b as i64, 1))).collect::<Vec<_>>(), 0)
+                Tensor::cat(&samplers.iter_mut().enumerate().map(|(b, s)| pick(s, &rows.narrow(0, b as i64, 1))).collect::<Vec<_>>(), 0)
             }
         }
     }
